@@ -1,0 +1,58 @@
+"The `wavenb` console script end to end, as a user runs it."
+import json
+import numpy as np, pytest, torch
+from PIL import Image
+from conftest import run_cli, ROOT
+
+@pytest.mark.parametrize('cmd', [[], ['demo'], ['data'], ['pack'], ['fid']])
+def test_help(cmd):
+    r = run_cli(*cmd, '--help')
+    assert r.returncode == 0 and 'usage: wavenb' in r.stdout
+
+def test_no_command_is_an_error():
+    r = run_cli()
+    assert r.returncode == 2 and 'COMMAND' in r.stderr
+
+def test_data_describes_the_sample():
+    r = run_cli('data', '--json')
+    d = json.loads(r.stdout)
+    assert r.returncode == 0 and d['images'] == 2000 and d['shape'] == [3, 32, 32] and len(d['sha256']) == 64
+
+def test_user_errors_are_one_line(tmp_path):
+    r = run_cli('data', tmp_path / 'missing.npz')
+    assert r.returncode == 2 and 'missing.npz' in r.stderr and 'Traceback' not in r.stderr
+    r = run_cli('fid', 'sample', 'sample', '--weights', tmp_path / 'nope.pt')
+    assert r.returncode == 2 and 'nope.pt' in r.stderr and 'Traceback' not in r.stderr
+
+def test_pack_folder_then_describe(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ('a', 'b'):
+        (tmp_path / 'tree' / c).mkdir(parents=True)
+        for i in range(3): Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / 'tree' / c / f'{i}.jpg')
+    r = run_cli('pack', tmp_path / 'tree', tmp_path / 'x.npz', '--split', 'test')
+    assert r.returncode == 0, r.stderr
+    d = json.loads(run_cli('data', f'{tmp_path / "x.npz"}:test', '--json').stdout)
+    assert d['images'] == 6 and d['per_class'] == {'a': 3, 'b': 3}
+
+def test_fid_end_to_end_with_a_torchscript_network(tmp_path):
+    # a small TorchScript network with the FID network's interface: [-1, 1] 299x299 in, features out
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 8, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    torch.manual_seed(0); torch.jit.script(net).save(str(tmp_path / 'net.pt'))
+    assert run_cli('pack', 'data/cifar10-sample.npz', tmp_path / 'a.npz', '--per-class', '10', '--seed', '1').returncode == 0
+    assert run_cli('pack', 'data/cifar10-sample.npz', tmp_path / 'b.npz', '--per-class', '10', '--seed', '2').returncode == 0
+    r = run_cli('fid', tmp_path / 'a.npz', tmp_path / 'b.npz', '--weights', tmp_path / 'net.pt', '--device', 'cpu',
+                '--out', tmp_path / 'res', env={'WAVENB_CACHE': str(tmp_path / 'cache')})
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert m['metrics']['fid'] > 0 and m['metrics']['n_real'] == m['metrics']['n_fake'] == 100
+    assert m['reference']['images'] == 100 and m['device'].startswith('CPU')
+    r2 = run_cli('fid', tmp_path / 'a.npz', tmp_path / 'a.npz', '--weights', tmp_path / 'net.pt', '--device', 'cpu',
+                 env={'WAVENB_CACHE': str(tmp_path / 'cache')})
+    assert abs(json.loads(r2.stdout)['fid']) < 1e-6
+
+def test_demo_writes_figures_and_checks(tmp_path):
+    r = run_cli('demo', '--out', tmp_path / 'demo')
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / 'demo' / 'metrics.json').read_text())
+    assert m['metrics']['all_match_pywt_1e5']
+    assert {p.name for p in (tmp_path / 'demo').iterdir()} == {'subbands.png', 'pyramid.png', 'energy.png', 'metrics.json'}
