@@ -97,3 +97,10 @@ def test_imageset_validation():
     with pytest.raises(ValueError, match='labels'): ImageSet(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3), ['a'], 'x')
     x = torch.rand(4, 3, 8, 8)
     assert (to_float(to_uint8(x)) - x).abs().max() <= 0.5 / 255 + 1e-6
+
+@pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'), reason='Debian dataset-fashion-mnist not installed')
+def test_fashion_mnist_from_debian(tmp_path):
+    ds = load_images('fashion_mnist', 'test', root=tmp_path)   # no download: Debian's files are used
+    assert len(ds) == 10000 and ds.shape == (1, 28, 28) and ds.classes[0] == 'T-shirt/top'
+    c = wavedec2(to_float(ds.images[:8]), 'haar', 2)
+    assert c[0].shape == (8, 1, 7, 7)
