@@ -18,6 +18,6 @@ for name in names:
     for c in nb.cells:
         if c.cell_type == 'code': c.outputs, c.execution_count = [], None
     sh = CaptureShell()
-    sh.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type == 'code' and c.source.lstrip().startswith(flags))
+    sh.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type == 'code' and (c.source.lstrip().startswith(flags) or '#| eval: false' in c.source))
     write_nb(nb, name)
     print(f'{name}: {time.time() - t:.1f}s, {Path(name).stat().st_size / 1e3:.0f} kB')

@@ -56,3 +56,10 @@ def test_demo_writes_figures_and_checks(tmp_path):
     m = json.loads((tmp_path / 'demo' / 'metrics.json').read_text())
     assert m['metrics']['all_match_pywt_1e5']
     assert {p.name for p in (tmp_path / 'demo').iterdir()} == {'subbands.png', 'pyramid.png', 'energy.png', 'metrics.json'}
+
+def test_python_m_without_install(tmp_path):
+    "On a bare machine (the GPU box) the CLI runs from the tree: PYTHONPATH=. python -m wavenb.cli."
+    import subprocess, sys, os
+    r = subprocess.run([sys.executable, '-m', 'wavenb.cli', 'data', '--json'], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), WAVENB_GIT_COMMIT='0' * 40))
+    assert r.returncode == 0 and json.loads(r.stdout)['images'] == 2000

@@ -163,3 +163,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         print(f'wavenb {args.command}: error: {e}', file=sys.stderr)
         return 2
+
+# %% ../nbs/99_cli.ipynb #c184a271
+#| eval: false
+if __name__ == '__main__': sys.exit(main())  # python -m wavenb.cli ... (no install needed, e.g. on a bare GPU machine)

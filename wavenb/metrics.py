@@ -276,9 +276,10 @@ def device_name(device=None) -> str:
 
 def run_info(device=None) -> dict:
     "Provenance of a run: command, git commit, device, library versions, date (UTC)."
-    commit = _git('rev-parse', 'HEAD')
-    return dict(command=' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]), git_commit=commit,
-                git_dirty=None if commit is None else bool(_git('status', '--porcelain', '--untracked-files=no')), device=device_name(device), torch=torch.__version__, python=platform.python_version(),
+    # a copy of the tree without .git (e.g. on a GPU machine) gets its commit from WAVENB_GIT_COMMIT
+    head = _git('rev-parse', 'HEAD')
+    dirty = None if head is None else bool(_git('status', '--porcelain', '--untracked-files=no'))
+    return dict(command=' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]), git_commit=head or os.environ.get('WAVENB_GIT_COMMIT'), git_dirty=dirty, device=device_name(device), torch=torch.__version__, python=platform.python_version(),
                 date=datetime.now(timezone.utc).isoformat(timespec='seconds'))
 
 def dataset_info(ds: ImageSet) -> dict:
