@@ -92,7 +92,8 @@ class Learner:
     "Train `model` on `train_ds` with `loss_func(preds, *targets)`, step by step, extended by callbacks."
     def __init__(self, model: nn.Module, train_ds: Dataset, loss_func, batch_size: int = 64, valid_ds: Dataset | None = None,
                  collate=None, lr: float = 1e-3, opt_func=torch.optim.AdamW, cbs=(), seed: int = 0, device=None,
-                 precision: str | None = None, compile: bool = False, num_workers: int = 0, weight_decay: float = 0.01):
+                 precision: str | None = None, compile: bool = False, num_workers: int = 0, weight_decay: float = 0.01,
+                 valid_collate=None):
         rank, world, local = dist_env()
         self.device = torch.device(device or (f'cuda:{local}' if torch.cuda.is_available() else 'cpu'))
         if self.device.type == 'cuda': torch.cuda.set_device(self.device)
@@ -101,6 +102,8 @@ class Learner:
         if self.precision not in ('fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.seed, self.bs, self.train_ds, self.valid_ds, self.loss_func = seed, batch_size, train_ds, valid_ds, loss_func
         self.collate, self.num_workers = collate or Collate(), num_workers
+        c = self.collate  # evaluation sees the same value range and wavelet view, but no augmentation
+        self.valid_collate = valid_collate or (Collate(c.scale, False, c.wavelet, c.level) if isinstance(c, Collate) else c)
         seed_everything(seed + self.rank)
         self.raw_model = model.to(self.device)          # the plain module: checkpoints, EMA, evaluation
         self.model = torch.compile(self.raw_model) if compile else self.raw_model
@@ -209,7 +212,7 @@ class Learner:
         if ds is None: raise ValueError('no validation set: pass valid_ds to the Learner or ds to evaluate')
         was = model.training; model.eval()
         tot, n, sums = 0.0, 0, {k: 0.0 for k in (metrics or {})}
-        dl = DataLoader(ds, batch_size=batch_size or self.bs, shuffle=False, collate_fn=self.collate)
+        dl = DataLoader(ds, batch_size=batch_size or self.bs, shuffle=False, collate_fn=self.valid_collate)
         for batch in dl:
             batch = _to(batch, self.device)
             with self.autocast():
