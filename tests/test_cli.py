@@ -63,3 +63,12 @@ def test_python_m_without_install(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'wavenb.cli', 'data', '--json'], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), WAVENB_GIT_COMMIT='0' * 40))
     assert r.returncode == 0 and json.loads(r.stdout)['images'] == 2000
+
+def test_bench_haar_writes_results(tmp_path):
+    r = run_cli('bench', 'haar', '--shapes', '2,3,8,8', '--dtypes', 'float32', '--device', 'cpu', '--min-run-time', '0.01',
+                '--out', tmp_path / 'b')
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / 'b' / 'metrics.json').read_text())
+    impls = {row['impl'] for row in m['metrics']['rows'] if 'median_ms' in row}
+    assert {'copy', 'wavenb torch'} <= impls and (tmp_path / 'b' / 'bench.png').is_file()
+    assert set(m['versions']) >= {'triton', 'pytorch_wavelets', 'ptwt'}

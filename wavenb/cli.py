@@ -120,6 +120,25 @@ def _demo(a):
         print(f"  {w:6s} max |ours - pywt| {c['max_abs_diff_vs_pywt_float32']:.1e}  reconstruction error {c['reconstruction_max_error_float32']:.1e}")
     return 0 if m['all_match_pywt_1e5'] else 1
 
+def _bench(a):
+    from importlib.metadata import version, PackageNotFoundError
+    from wavenb.fast_haar import bench_haar, format_bench, plot_bench
+    from wavenb.metrics import write_metrics
+    shapes = [tuple(int(v) for v in s.split(',')) for s in a.shapes] if a.shapes else None
+    device = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    rows = bench_haar(**({'shapes': shapes} if shapes else {}), dtypes=a.dtypes, device=device, min_run_time=a.min_run_time)
+    print(format_bench(rows))
+    if a.out:
+        def v(p):
+            try: return version(p)
+            except PackageNotFoundError: return None
+        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+        import matplotlib.pyplot as plt
+        plt.close(plot_bench(rows, out / 'bench.png'))
+        print('wrote', write_metrics(out, dict(rows=rows), device=device, figures=['bench.png'],
+                                     versions={p: v(p) for p in ('triton', 'pytorch_wavelets', 'ptwt', 'PyWavelets')}))
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='wavenb', description='wavenb: wavelet methods in deep learning for images.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)
@@ -154,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--no-cache', action='store_true', help='do not read or write cached feature statistics')
     s.add_argument('--out', help='folder to write metrics.json with provenance')
     s.set_defaults(fn=_fid)
+    s = sub.add_parser('bench', help='benchmarks (haar: the fused kernel against copy, PyTorch and other libraries)',
+                       description='Median time and effective GB/s of the one-level Haar transform, forward and inverse, for the device copy, '
+                                   'the wavenb kernel, plain PyTorch (eager, torch.compile), pytorch_wavelets and ptwt when installed.')
+    s.add_argument('what', choices=['haar'], help='what to benchmark')
+    s.add_argument('--shapes', nargs='+', metavar='B,C,H,W', help='input shapes (default: 256,3,32,32 128,64,64,64 32,128,128,128)')
+    s.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], choices=['float32', 'bfloat16', 'float16'])
+    s.add_argument('--device', help='cuda or cpu (default: cuda if available)')
+    s.add_argument('--min-run-time', type=float, default=0.5, help='seconds of timing per measurement')
+    s.add_argument('--out', help='folder for metrics.json and bench.png')
+    s.set_defaults(fn=_bench)
     return p
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_haar.ipynb #42e8208a
 from __future__ import annotations
-import math, functools
+import math, functools, os
 import torch
 from torch import nn, Tensor
 
@@ -92,10 +92,22 @@ def _haar_inv(y: Tensor) -> Tensor:
     x = torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], -3)  # (..., h, 2, w, 2)
     return x.reshape(*x.shape[:-4], 2 * x.shape[-4], 2 * x.shape[-2])
 
+_fast_haar = None
+def _fast(x: Tensor) -> bool:
+    "Use the fused Triton kernel of `wavenb.fast_haar`? (CUDA tensors; imported only when one shows up.)"
+    global _fast_haar
+    if not (x.is_cuda or os.environ.get('WAVENB_HAAR_BACKEND') == 'triton'): return False
+    if _fast_haar is None:
+        from wavenb import fast_haar as _fh
+        _fast_haar = _fh
+    return _fast_haar.use_fast_haar(x)
+
 def dwt2_stacked(x: Tensor, wavelet: str = 'haar') -> Tensor:
     "One-level 2D DWT, `(..., H, W) -> (..., 4, H/2, W/2)` with bands LL, LH, HL, HH (periodic boundary)."
     _check_input(x, 1, 'dwt2')
-    if wavelet == 'haar': return _haar_fwd(x)
+    if wavelet == 'haar':
+        if _fast(x): return _fast_haar.haar_fwd(x.contiguous())  # fused GPU kernel (04_fast_haar), same numbers
+        return _haar_fwd(x)
     H, W = x.shape[-2:]
     y = analysis_matrix(H, wavelet, x.dtype, x.device) @ x @ analysis_matrix(W, wavelet, x.dtype, x.device).mT
     h, w = H // 2, W // 2
@@ -107,7 +119,9 @@ def idwt2_stacked(y: Tensor, wavelet: str = 'haar') -> Tensor:
         raise ValueError(f'idwt2 expects stacked subbands of shape (..., 4, h, w), '
                          f'got {tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}')
     if not y.is_floating_point(): raise TypeError(f'idwt2 needs a floating-point tensor, got {y.dtype}')
-    if wavelet == 'haar': return _haar_inv(y)
+    if wavelet == 'haar':
+        if _fast(y): return _fast_haar.haar_inv(y.contiguous())
+        return _haar_inv(y)
     ll, lh, hl, hh = y.unbind(-3)
     Y = torch.cat([torch.cat([ll, hl], -1), torch.cat([lh, hh], -1)], -2)
     H, W = Y.shape[-2:]
