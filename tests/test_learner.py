@@ -111,3 +111,15 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_sampler_rejects_tiny_sets():
     with pytest.raises(ValueError, match='fewer than one global batch'): ResumableSampler(10, 8, world_size=2)
+
+def test_bf16_autocast_path_and_compile_on_cpu(tmp_path):
+    "The mixed-precision and torch.compile code paths (bf16 autocast is what CUDA runs use by default)."
+    ds = load_images(limit=256)
+    L = Learner(tiny(), ds, F.cross_entropy, batch_size=32, valid_ds=ds, precision='bf16', cbs=[EMACB()])
+    L.fit(8)
+    assert L.precision == 'bf16' and L.preds.dtype == torch.bfloat16 and next(L.raw_model.parameters()).dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(L.history['loss'])))
+    C = Learner(tiny(), ds, F.cross_entropy, batch_size=32, compile=True, cbs=[CheckpointCB(tmp_path, every=4)])
+    C.fit(4)
+    assert C.step == 4 and not any('_orig_mod' in k for k in load_checkpoint(CheckpointCB(tmp_path).files()[-1])['model'])
+    with pytest.raises(ValueError, match='precision'): Learner(tiny(), ds, F.cross_entropy, precision='fp8')
