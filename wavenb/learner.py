@@ -82,6 +82,10 @@ class Callback:
     order = 0
     def __repr__(self): return type(self).__name__
 
+def _call(model, inputs):
+    "A batch's inputs are one tensor, or a tuple of them (e.g. `(x_t, t)` for a denoiser)."
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
 def _to(b, device):
     if isinstance(b, Tensor): return b.to(device, non_blocking=True)
     if isinstance(b, (list, tuple)): return type(b)(_to(t, device) for t in b)
@@ -145,7 +149,7 @@ class Learner:
 
     def compute_loss(self):
         "Forward pass and loss of `self.batch` = (inputs, *targets): sets `self.preds` and `self.loss`."
-        self.preds = self.model(self.batch[0])
+        self.preds = _call(self.model, self.batch[0])
         self.loss = self.loss_func(self.preds, *self.batch[1:])
 
     def check_finite(self):
@@ -216,7 +220,7 @@ class Learner:
         for batch in dl:
             batch = _to(batch, self.device)
             with self.autocast():
-                preds = model(batch[0]); loss = self.loss_func(preds, *batch[1:])
+                preds = _call(model, batch[0]); loss = self.loss_func(preds, *batch[1:])
             k = len(batch[0]); tot += loss.float().item() * k; n += k
             for name, fn in (metrics or {}).items(): sums[name] += float(fn(preds.float(), *batch[1:])) * k
         model.train(was)

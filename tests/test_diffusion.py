@@ -1,0 +1,92 @@
+"wavenb.diffusion on the CPU: forward process statistics, conversions, spaces, samplers, training through the Learner."
+import math
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from wavenb.data import load_images, Collate, to_float
+from wavenb.learner import Learner
+from wavenb.diffusion import (Schedule, PixelSpace, WaveletSpace, DiffusionCB, sample, ddim_invert, ddim_steps, target,
+                              to_x0_eps, PREDICTIONS)
+
+@pytest.mark.parametrize('kind', ['linear', 'cosine'])
+def test_q_sample_statistics(kind):
+    s = Schedule(1000, kind)
+    g = torch.Generator().manual_seed(0)
+    for t in (0, 100, 600, 999):
+        n = 40000
+        x0 = torch.full((n, 1), -0.4)
+        xt = s.q_sample(x0, torch.full((n,), t), torch.randn(n, 1, generator=g))
+        ab = s.alpha_bar[t].item()
+        assert abs(xt.mean().item() - math.sqrt(ab) * -0.4) < 5 * math.sqrt((1 - ab) / n) + 1e-6
+        assert abs(xt.var().item() - (1 - ab)) < 5 * (1 - ab) * math.sqrt(2 / n) + 1e-6
+
+def test_schedule_errors_and_steps():
+    with pytest.raises(ValueError, match='linear.*cosine'): Schedule(10, 'sigmoid')
+    assert ddim_steps(1000, 4) == [999, 666, 333, 0] and len(ddim_steps(1000, 1000)) == 1000
+    with pytest.raises(ValueError, match='steps'): ddim_steps(10, 0)
+    with pytest.raises(ValueError, match='pred'): target('score', *torch.zeros(3, 1))
+
+@pytest.mark.parametrize('level', [1, 2])
+@pytest.mark.parametrize('wavelet', ['haar', 'db2'])
+def test_wavelet_space_is_exactly_invertible(level, wavelet):
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    sp = WaveletSpace(3, level, wavelet).double()
+    sp.fit_scales(x)
+    z = sp.encode(x)
+    assert z.shape == (4, 3 * 4 ** level, 16 // 2 ** level, 16 // 2 ** level)
+    assert (sp.decode(z) - x).abs().max() < 1e-12
+    with pytest.raises(ValueError, match='channels'): sp.encode(torch.zeros(1, 1, 16, 16, dtype=torch.float64))
+
+def test_wavelet_space_level1_is_the_stacked_dwt():
+    from wavenb.haar import dwt2_stacked
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(WaveletSpace(3, 1).encode(x), dwt2_stacked(x).flatten(1, 2))
+
+class Exact(nn.Module):
+    "The optimal denoiser for data concentrated at one image m (any prediction type)."
+    def __init__(self, m, sched, pred):
+        super().__init__(); self.m, self.sched, self.pred, self.p = m, sched, pred, nn.Parameter(torch.zeros(1))
+    def forward(self, x, t):
+        ab = self.sched.ab(t, x)
+        eps = (x - ab.sqrt() * self.m) / (1 - ab).sqrt()
+        return target(self.pred, self.m.expand_as(x), eps, ab)
+
+@pytest.mark.parametrize('pred', PREDICTIONS)
+@pytest.mark.parametrize('sampler,steps', [('ddim', 20), ('ddpm', None)])
+def test_samplers_recover_a_point_mass(pred, sampler, steps):
+    "With the optimal denoiser for a single image, every sampler must produce that image."
+    sched = Schedule(1000, 'linear')
+    m = torch.rand(1, 3, 8, 8) * 1.6 - 0.8
+    out = sample(Exact(m, sched, pred), sched, (3, 3, 8, 8), sampler=sampler, steps=steps or 50, pred=pred,
+                 generator=torch.Generator().manual_seed(0))
+    assert (out - m).abs().max() < 1e-3
+
+def test_ddim_inversion_roundtrip_and_determinism():
+    sched = Schedule(1000, 'cosine')
+    m = torch.rand(1, 3, 8, 8) * 2 - 1
+    model = Exact(m, sched, 'v')
+    zT = ddim_invert(model, sched, m.expand(2, -1, -1, -1), steps=30, pred='v')
+    back = sample(model, sched, (2, 3, 8, 8), steps=30, pred='v', noise=zT, clip=False)
+    assert (back - m).abs().max() < 1e-4
+    a = sample(model, sched, (2, 3, 8, 8), steps=10, pred='v', noise=zT)
+    assert torch.equal(a, sample(model, sched, (2, 3, 8, 8), steps=10, pred='v', noise=zT))
+    with pytest.raises(ValueError, match='noise has shape'): sample(model, sched, (2, 3, 8, 8), noise=torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match='sampler'): sample(model, sched, (2, 3, 8, 8), sampler='euler')
+
+def test_training_through_the_learner_lowers_the_loss():
+    ds = load_images(limit=512)
+    sched, space = Schedule(200, 'cosine'), WaveletSpace(3, 1)
+    space.fit_scales(to_float(ds.images, 'symmetric'))
+    torch.manual_seed(0)
+    class Net(nn.Module):  # the noise level enters as one extra input channel
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(13, 48, 3, padding=1), nn.SiLU(), nn.Conv2d(48, 48, 3, padding=1), nn.SiLU(),
+                                     nn.Conv2d(48, 12, 3, padding=1))
+        def forward(self, x, t):
+            return self.net(torch.cat([x, (t.float() / sched.T).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])], 1))
+    L = Learner(Net(), ds, F.mse_loss, batch_size=32, lr=2e-3, collate=Collate(scale='symmetric'),
+                cbs=[DiffusionCB(sched, space, 'v')])
+    L.fit(150)
+    h = L.history['loss']
+    assert sum(h[-20:]) / 20 < 0.8 * sum(h[:20]) / 20
