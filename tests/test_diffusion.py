@@ -90,3 +90,19 @@ def test_training_through_the_learner_lowers_the_loss():
     L.fit(150)
     h = L.history['loss']
     assert sum(h[-20:]) / 20 < 0.8 * sum(h[:20]) / 20
+
+def test_cli_train_resume_sample(tmp_path):
+    from conftest import run_cli
+    args = ['train', 'diffusion', '--width', '16', '--blocks', '1', '--batch-size', '16', '--warmup', '2', '--sample-steps', '3',
+            '--ckpt', tmp_path / 'ck', '--out', tmp_path / 'res', '--ckpt-every', '5', '--backbone', 'ukan']
+    r = run_cli(*args, '--steps', '6')
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(*args, '--steps', '10')                         # continues from the checkpoint at step 6
+    assert r.returncode == 0 and 'resumed from' in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    import json
+    m = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert m['steps'] == 10 and m['config']['backbone'] == 'ukan' and len(m['config']['scales']) == 12
+    r = run_cli('sample', 'diffusion', '--ckpt', tmp_path / 'ck', '--n', '4', '--steps', '3', '--out', tmp_path / 's.png', '--device', 'cpu')
+    assert r.returncode == 0 and (tmp_path / 's.png').is_file(), r.stderr[-2000:]
+    r = run_cli('sample', 'diffusion', '--ckpt', tmp_path / 'nothing')
+    assert r.returncode == 2 and 'config.json' in r.stderr

@@ -139,6 +139,21 @@ def _bench(a):
                                      versions={p: v(p) for p in ('triton', 'pytorch_wavelets', 'ptwt', 'PyWavelets')}))
     return 0
 
+def _train(a):
+    from wavenb.diffusion import train_diffusion
+    src, split = parse_source(a.data)
+    m = train_diffusion(src, a.split or split, a.size, a.space, a.levels, a.wavelet, a.backbone, a.width, tuple(a.mults), a.blocks,
+                        a.T, a.schedule, a.pred, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.ckpt, a.ckpt_every, a.out,
+                        a.sample_every, a.eval_samples, a.sample_steps, a.fid_weights, a.device, a.seed, a.compile)
+    print(json.dumps(m, indent=2))
+    return 0
+
+def _sample(a):
+    from wavenb.diffusion import sample_diffusion
+    sample_diffusion(a.ckpt, a.n, a.sampler, a.steps, a.eta, a.out, a.seed, a.device)
+    print('wrote', a.out)
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='wavenb', description='wavenb: wavelet methods in deep learning for images.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)
@@ -183,6 +198,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--min-run-time', type=float, default=0.5, help='seconds of timing per measurement')
     s.add_argument('--out', help='folder for metrics.json and bench.png')
     s.set_defaults(fn=_bench)
+    s = sub.add_parser('train', help='train a model (diffusion)', description='Train a diffusion model in pixel or wavelet space '
+                       '(checkpoints resume exactly; writes OUT/metrics.json, OUT/samples.png, OUT/loss.png).')
+    s.add_argument('model', choices=['diffusion'])
+    s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
+    s.add_argument('--split'); s.add_argument('--size', type=int, help='resize images to SIZE x SIZE')
+    s.add_argument('--space', choices=['pixel', 'wavelet'], default='wavelet')
+    s.add_argument('--levels', type=int, default=1, help='wavelet levels (> 1: wavelet packet)')
+    s.add_argument('--wavelet', default='haar')
+    s.add_argument('--backbone', choices=['unet', 'ukan'], default='unet')
+    s.add_argument('--width', type=int, default=64); s.add_argument('--mults', type=int, nargs='+', default=[1, 2, 2])
+    s.add_argument('--blocks', type=int, default=2)
+    s.add_argument('--T', type=int, default=1000); s.add_argument('--schedule', choices=['linear', 'cosine'], default='cosine')
+    s.add_argument('--pred', choices=['eps', 'x0', 'v'], default='v')
+    s.add_argument('--steps', type=int, default=1000); s.add_argument('--batch-size', type=int, default=128)
+    s.add_argument('--lr', type=float, default=2e-4); s.add_argument('--warmup', type=int, default=200)
+    s.add_argument('--ema', type=float, default=0.999)
+    s.add_argument('--ckpt', default='runs/diffusion', help='checkpoint folder (re-running resumes from it)')
+    s.add_argument('--ckpt-every', type=int, default=1000)
+    s.add_argument('--out', default='figures/diffusion', help='results folder')
+    s.add_argument('--sample-every', type=int, help='save a sample grid every N steps')
+    s.add_argument('--eval-samples', type=int, default=0, help='FID/KID on this many DDIM samples at the end (0: none)')
+    s.add_argument('--sample-steps', type=int, default=50, help='DDIM steps for grids and evaluation')
+    s.add_argument('--fid-weights', help='TorchScript FID Inception network (see wavenb fid --help)')
+    s.add_argument('--device'); s.add_argument('--seed', type=int, default=0); s.add_argument('--compile', action='store_true')
+    s.set_defaults(fn=_train)
+    s = sub.add_parser('sample', help='sample from a trained model (diffusion)', description='Sample images from a train_diffusion checkpoint folder (EMA weights).')
+    s.add_argument('model', choices=['diffusion'])
+    s.add_argument('--ckpt', required=True, help='checkpoint folder written by wavenb train diffusion')
+    s.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddim'); s.add_argument('--steps', type=int, default=50)
+    s.add_argument('--eta', type=float, default=0.0); s.add_argument('--n', type=int, default=64)
+    s.add_argument('--out', default='samples.png'); s.add_argument('--seed', type=int, default=0); s.add_argument('--device')
+    s.set_defaults(fn=_sample)
     return p
 
 def main(argv=None) -> int:

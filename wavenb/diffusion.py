@@ -13,7 +13,7 @@ from .learner import Callback
 
 # %% auto #0
 __all__ = ['PREDICTIONS', 'Schedule', 'target', 'to_x0_eps', 'PixelSpace', 'WaveletSpace', 'DiffusionCB', 'ddim_steps', 'sample',
-           'ddim_invert']
+           'ddim_invert', 'build_diffusion', 'train_diffusion', 'load_diffusion', 'sample_diffusion']
 
 # %% ../nbs/51_diffusion.ipynb #c784d680
 class Schedule(nn.Module):
@@ -161,3 +161,100 @@ def ddim_invert(model: nn.Module, schedule: Schedule, images: Tensor, space: nn.
         x0, eps = to_x0_eps(pred, model(x, tp).float(), x, schedule.ab(tp, x)) if prev >= 0 else (x, model(x, tp).float())
         x, prev = ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t
     return x
+
+# %% ../nbs/51_diffusion.ipynb #51df3a70
+import json, time
+from pathlib import Path
+
+def build_diffusion(cfg: dict):
+    "Space, schedule and denoiser from a configuration dict (as saved in `config.json`)."
+    from wavenb.unet import UNet
+    C, H, W = cfg['shape']
+    space = PixelSpace() if cfg['space'] == 'pixel' else WaveletSpace(C, cfg['levels'], cfg['wavelet'])
+    if cfg.get('scales') is not None: space.scales.copy_(torch.tensor(cfg['scales']))
+    zc = space.latent_shape((1, C, H, W))[1]
+    mults = tuple(cfg['mults'])
+    model = UNet(zc, cfg['width'], mults, cfg['blocks'], mix_levels=(len(mults) - 1,), backbone=cfg['backbone'])
+    return space, Schedule(cfg['T'], cfg['schedule']), model
+
+def train_diffusion(data: str = 'sample', split: str | None = None, size: int | None = None, space: str = 'wavelet',
+                    levels: int = 1, wavelet: str = 'haar', backbone: str = 'unet', width: int = 64, mults=(1, 2, 2),
+                    blocks: int = 2, T: int = 1000, schedule: str = 'cosine', pred: str = 'v', steps: int = 1000,
+                    batch_size: int = 128, lr: float = 2e-4, warmup: int = 200, ema: float = 0.999, ckpt='runs/diffusion',
+                    ckpt_every: int = 1000, out='figures/diffusion', sample_every: int | None = None, eval_samples: int = 0,
+                    sample_steps: int = 50, fid_weights=None, device=None, seed: int = 0, compile: bool = False) -> dict:
+    "Train a pixel- or wavelet-space diffusion model and write samples, checkpoints and `out/metrics.json`."
+    from wavenb.data import load_images, Collate, to_float, to_uint8
+    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, load_weights
+    from wavenb.metrics import FIDKID, save_grid
+    if space not in ('pixel', 'wavelet'): raise ValueError(f"space must be 'pixel' or 'wavelet', got {space!r}")
+    ds = load_images(data, split, size=size)
+    ckpt, out = Path(ckpt), Path(out)
+    cfg_file = ckpt / 'config.json'
+    cfg = dict(shape=list(ds.shape), space=space, levels=levels, wavelet=wavelet, backbone=backbone, width=width, mults=list(mults),
+               blocks=blocks, T=T, schedule=schedule, pred=pred, data=ds.name, data_sha256=ds.checksum)
+    if cfg_file.is_file():  # resuming: the folder's configuration must be this one
+        old = json.loads(cfg_file.read_text())
+        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
+        if diff: raise ValueError(f'{ckpt} holds a run with another configuration {diff}: use another --ckpt folder')
+        cfg = old
+    sp, sched, model = build_diffusion(cfg)
+    if space == 'wavelet' and cfg.get('scales') is None:
+        sub = ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:10_000]]
+        cfg['scales'] = sp.fit_scales(to_float(sub, 'symmetric')).tolist()
+    ckpt.mkdir(parents=True, exist_ok=True); cfg_file.write_text(json.dumps(cfg, indent=1))
+    shape = (64, *ds.shape)
+    grid_fn = lambda m: sample(m, sched, shape, sp, 'ddim', sample_steps, pred=pred, generator=torch.Generator(device=next(m.parameters()).device).manual_seed(seed))
+
+    def evaluate(L) -> dict:
+        m, dev = L.ema_model.eval(), L.device
+        t0 = time.perf_counter()
+        imgs = sample(m, sched, (min(256, max(eval_samples, 64)), *ds.shape), sp, 'ddim', sample_steps, pred=pred, device=dev)
+        if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        res = dict(sample_s_per_1k_images=round((time.perf_counter() - t0) * 1000 / len(imgs), 2), sample_steps=sample_steps)
+        save_grid(imgs[:64], out / 'samples.png', 8, 'symmetric')
+        if eval_samples > 0:
+            fk = FIDKID(weights=fid_weights, device=dev).set_real(ds)
+            n = 0
+            while n < eval_samples:
+                b = min(500, eval_samples - n)
+                fk.add_fake(to_uint8(sample(m, sched, (b, *ds.shape), sp, 'ddim', sample_steps, pred=pred, device=dev), 'symmetric'))
+                n += b
+            r = fk.compute()
+            res.update(fid=r['fid'], kid=r['kid'], kid_std=r['kid_std'], fid_samples=r['n_fake'], fid_reference=r['reference'],
+                       fid_reference_images=r['n_real'], fid_sampler=f'DDIM {sample_steps} steps, EMA weights')
+        return res
+
+    cbs = [DiffusionCB(sched, sp, pred), LRScheduleCB(warmup), GradClipCB(1.0), EMACB(ema), ProgressCB(every=20),
+           CheckpointCB(ckpt, every=ckpt_every, keep=2), ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment='diffusion', config=cfg)]
+    if sample_every: cbs.append(SampleCB(grid_fn, out / 'progress', every=sample_every, scale='symmetric'))
+    learn = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
+                    collate=Collate(scale='symmetric', flip=True), cbs=cbs)
+    learn.fit(steps)
+    return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
+
+def load_diffusion(ckpt, device='cpu'):
+    "Rebuild (space, schedule, EMA model, config) from a `train_diffusion` checkpoint folder."
+    from wavenb.learner import CheckpointCB, load_checkpoint, load_weights, CheckpointError
+    ckpt = Path(ckpt)
+    if not (ckpt / 'config.json').is_file(): raise FileNotFoundError(f'no config.json in {ckpt}: not a train_diffusion checkpoint folder')
+    cfg = json.loads((ckpt / 'config.json').read_text())
+    files = CheckpointCB(ckpt).files()
+    if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
+    ck = load_checkpoint(files[-1])
+    space, sched, model = build_diffusion(cfg)
+    ema = ck['callbacks'].get('EMACB')
+    if ema is None: raise CheckpointError(f'{files[-1]} has no EMA weights')
+    load_weights(model, {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}, files[-1], 'EMA model')
+    return space.to(device), sched.to(device), model.to(device).eval(), cfg
+
+def sample_diffusion(ckpt, n: int = 64, sampler: str = 'ddim', steps: int = 50, eta: float = 0.0, out=None,
+                     seed: int = 0, device=None) -> Tensor:
+    "Sample `n` images in [-1, 1] from a checkpoint folder (EMA weights); optionally save a PNG grid at `out`."
+    from wavenb.metrics import save_grid
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    space, sched, model, cfg = load_diffusion(ckpt, device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    imgs = sample(model, sched, (n, *cfg['shape']), space, sampler, steps, eta, cfg['pred'], generator=g, device=device)
+    if out: save_grid(imgs, out, 8, 'symmetric')
+    return imgs
