@@ -1,8 +1,8 @@
 "wavenb.data: archives, folders, caching, loaders and the errors a user sees."
-import io, os
+import os
 import numpy as np, pytest, torch
 from PIL import Image
-from wavenb.data import (PackedJPEG, pack_folder, pack_subset, write_packed, load_images, get_loader, ImageSet,
+from wavenb.data import (PackedJPEG, pack_folder, pack_subset, load_images, get_loader, ImageSet,
                          sample_path, to_float, to_uint8, cache_dir)
 from wavenb.haar import dwt2_stacked, wavedec2
 

@@ -16,7 +16,6 @@ if not ON_GPU and not INTERPRETED:
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert ' passed' in r.stdout and ' failed' not in r.stdout
 else:
-    from wavenb import fast_haar
     from wavenb.fast_haar import haar_fwd, haar_inv, use_fast_haar
     from wavenb.haar import _haar_fwd, _haar_inv, dwt2_stacked, idwt2_stacked, wavedec2, waverec2
     DEV = 'cuda' if ON_GPU else 'cpu'

@@ -1,7 +1,7 @@
 "wavenb.haar against PyWavelets, on shapes and settings the notebook does not try."
 import warnings
 import numpy as np, pytest, pywt, torch
-from wavenb.haar import (dwt2, idwt2, wavedec2, waverec2, dwt2_stacked, idwt2_stacked, analysis_matrix,
+from wavenb.haar import (dwt2, wavedec2, waverec2, dwt2_stacked, idwt2_stacked, analysis_matrix,
                          DWT2, IDWT2, WaveDec2, WaveRec2, max_level, band_energy, coeffs_to_image)
 
 WAVELETS = ['haar', 'db2', 'db4', 'sym4', 'coif2', 'db1', 'sym2', 'coif1']

@@ -17,7 +17,7 @@ def run(*args, **kw):
 def wait_for_checkpoint(folder: Path, at_least: int, proc, timeout=300):
     t = time.time()
     while time.time() - t < timeout:
-        steps = [int(p.stem.split('-')[1]) for p in folder.glob('ckpt-*.pt')]
+        steps = [CheckpointCB.step_of(p) for p in folder.glob("ckpt-*.pt")]
         if steps and max(steps) >= at_least: return max(steps)
         if proc.poll() is not None: raise AssertionError(f'training ended before step {at_least}: {proc.stderr.read()}')
         time.sleep(0.005)

@@ -1,6 +1,6 @@
 "wavenb.metrics: FID/KID against an independent formula, caching, the real network when it is here."
 import json, math, os
-import numpy as np, pytest, torch
+import pytest, torch
 from wavenb.data import load_images
 from wavenb.metrics import (FIDKID, RandomFeatures, InceptionFeatures, fid_between, fid_weights_path, psnr, ssim,
                             bits_per_dim, write_metrics, dataset_info)

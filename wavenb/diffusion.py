@@ -157,8 +157,9 @@ def ddim_invert(model: nn.Module, schedule: Schedule, images: Tensor, space: nn.
     for t in ts:
         # one DDIM step from level `prev` up to level `t`, using the model at the current point
         tp = torch.full((len(x),), max(prev, 0), device=device, dtype=torch.long)
-        ab_prev, ab = schedule.ab(torch.full_like(tp, prev), x), schedule.ab(torch.full_like(tp, t), x)
-        x0, eps = to_x0_eps(pred, model(x, tp).float(), x, schedule.ab(tp, x)) if prev >= 0 else (x, model(x, tp).float())
+        x0, eps = to_x0_eps(pred, model(x, tp).float(), x, schedule.ab(tp, x))
+        if prev < 0: x0 = x                     # the first point is the clean image itself: only the noise comes from the model
+        ab = schedule.ab(torch.full_like(tp, t), x)
         x, prev = ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t
     return x
 
@@ -185,7 +186,7 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
                     sample_steps: int = 50, fid_weights=None, device=None, seed: int = 0, compile: bool = False) -> dict:
     "Train a pixel- or wavelet-space diffusion model and write samples, checkpoints and `out/metrics.json`."
     from wavenb.data import load_images, Collate, to_float, to_uint8
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, load_weights
+    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB
     from wavenb.metrics import FIDKID, save_grid
     if space not in ('pixel', 'wavelet'): raise ValueError(f"space must be 'pixel' or 'wavelet', got {space!r}")
     ds = load_images(data, split, size=size)

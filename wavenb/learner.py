@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_learner.ipynb #93b65ad2
 from __future__ import annotations
-import math, os, random, re, sys, time
+import math, os, random, re, time
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
@@ -372,8 +372,9 @@ class CheckpointCB(Callback):
     order = 100  # after every callback that creates state (schedule, EMA): they run first in before_fit
     def __init__(self, folder, every: int = 1000, keep: int = 3, resume: bool = True):
         self.folder, self.every, self.keep, self.resume = Path(folder), every, keep, resume
-    def files(self) -> list[Path]:
-        return sorted(self.folder.glob('ckpt-*.pt'), key=lambda p: int(re.findall(r'\d+', p.stem)[0]))
+    @staticmethod
+    def step_of(path: Path) -> int: return int(re.findall(r'\d+', path.stem)[0])
+    def files(self) -> list[Path]: return sorted(self.folder.glob('ckpt-*.pt'), key=self.step_of)
 
     def state(self) -> dict:
         L = self.learn
@@ -418,7 +419,7 @@ class CheckpointCB(Callback):
     def after_batch(self):
         if self.learn.step % self.every == 0: self.save()
     def after_fit(self):
-        if not self.files() or int(re.findall(r'\d+', self.files()[-1].stem)[0]) != self.learn.step: self.save()
+        if not self.files() or self.step_of(self.files()[-1]) != self.learn.step: self.save()
 
 # %% ../nbs/02_learner.ipynb #6509a758
 class ResultsCB(Callback):
