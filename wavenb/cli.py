@@ -4,13 +4,13 @@
 
 # %% ../nbs/99_cli.ipynb #0cbb21c8
 from __future__ import annotations
-import argparse, json, sys, time, warnings
+import argparse, importlib, importlib.util, json, sys, time, warnings
 from pathlib import Path
 import torch
 from .data import load_images, pack_folder, pack_subset, PackedJPEG, TORCHVISION
 
 # %% auto #0
-__all__ = ['parse_source', 'haar_demo', 'build_parser', 'main']
+__all__ = ['PLUGINS', 'parse_source', 'haar_demo', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #eb6bb9ae
 def parse_source(spec: str) -> tuple[str, str | None]:
@@ -139,20 +139,7 @@ def _bench(a):
                                      versions={p: v(p) for p in ('triton', 'pytorch_wavelets', 'ptwt', 'PyWavelets')}))
     return 0
 
-def _train(a):
-    from wavenb.diffusion import train_diffusion
-    src, split = parse_source(a.data)
-    m = train_diffusion(src, a.split or split, a.size, a.space, a.levels, a.wavelet, a.backbone, a.width, tuple(a.mults), a.blocks,
-                        a.T, a.schedule, a.pred, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.ckpt, a.ckpt_every, a.out,
-                        a.sample_every, a.eval_samples, a.sample_steps, a.fid_weights, a.device, a.seed, a.compile)
-    print(json.dumps(m, indent=2))
-    return 0
-
-def _sample(a):
-    from wavenb.diffusion import sample_diffusion
-    sample_diffusion(a.ckpt, a.n, a.sampler, a.steps, a.eta, a.out, a.seed, a.device)
-    print('wrote', a.out)
-    return 0
+PLUGINS = ['wavenb.wno', 'wavenb.vqvae', 'wavenb.ar', 'wavenb.wmsa', 'wavenb.flow', 'wavenb.codec', 'wavenb.diffusion']
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='wavenb', description='wavenb: wavelet methods in deep learning for images.')
@@ -198,38 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--min-run-time', type=float, default=0.5, help='seconds of timing per measurement')
     s.add_argument('--out', help='folder for metrics.json and bench.png')
     s.set_defaults(fn=_bench)
-    s = sub.add_parser('train', help='train a model (diffusion)', description='Train a diffusion model in pixel or wavelet space '
-                       '(checkpoints resume exactly; writes OUT/metrics.json, OUT/samples.png, OUT/loss.png).')
-    s.add_argument('model', choices=['diffusion'])
-    s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
-    s.add_argument('--split'); s.add_argument('--size', type=int, help='resize images to SIZE x SIZE')
-    s.add_argument('--space', choices=['pixel', 'wavelet'], default='wavelet')
-    s.add_argument('--levels', type=int, default=1, help='wavelet levels (> 1: wavelet packet)')
-    s.add_argument('--wavelet', default='haar')
-    s.add_argument('--backbone', choices=['unet', 'ukan'], default='unet')
-    s.add_argument('--width', type=int, default=64); s.add_argument('--mults', type=int, nargs='+', default=[1, 2, 2])
-    s.add_argument('--blocks', type=int, default=2)
-    s.add_argument('--T', type=int, default=1000); s.add_argument('--schedule', choices=['linear', 'cosine'], default='cosine')
-    s.add_argument('--pred', choices=['eps', 'x0', 'v'], default='v')
-    s.add_argument('--steps', type=int, default=1000); s.add_argument('--batch-size', type=int, default=128)
-    s.add_argument('--lr', type=float, default=2e-4); s.add_argument('--warmup', type=int, default=200)
-    s.add_argument('--ema', type=float, default=0.999)
-    s.add_argument('--ckpt', default='runs/diffusion', help='checkpoint folder (re-running resumes from it)')
-    s.add_argument('--ckpt-every', type=int, default=1000)
-    s.add_argument('--out', default='figures/diffusion', help='results folder')
-    s.add_argument('--sample-every', type=int, help='save a sample grid every N steps')
-    s.add_argument('--eval-samples', type=int, default=0, help='FID/KID on this many DDIM samples at the end (0: none)')
-    s.add_argument('--sample-steps', type=int, default=50, help='DDIM steps for grids and evaluation')
-    s.add_argument('--fid-weights', help='TorchScript FID Inception network (see wavenb fid --help)')
-    s.add_argument('--device'); s.add_argument('--seed', type=int, default=0); s.add_argument('--compile', action='store_true')
-    s.set_defaults(fn=_train)
-    s = sub.add_parser('sample', help='sample from a trained model (diffusion)', description='Sample images from a train_diffusion checkpoint folder (EMA weights).')
-    s.add_argument('model', choices=['diffusion'])
-    s.add_argument('--ckpt', required=True, help='checkpoint folder written by wavenb train diffusion')
-    s.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddim'); s.add_argument('--steps', type=int, default=50)
-    s.add_argument('--eta', type=float, default=0.0); s.add_argument('--n', type=int, default=64)
-    s.add_argument('--out', default='samples.png'); s.add_argument('--seed', type=int, default=0); s.add_argument('--device')
-    s.set_defaults(fn=_sample)
+    cmds = {'': sub}
+    for name, what in [('train', 'train a model'), ('sample', 'sample from a trained model'), ('eval', 'evaluate a trained model')]:
+        cmds[name] = sub.add_parser(name, help=what, description=f'{what[0].upper()}{what[1:]}; `wavenb {name} MODEL --help` for its options.'
+                                    ).add_subparsers(dest='model', metavar='MODEL', required=True)
+    for m in PLUGINS:  # each model module adds its own subcommands
+        if importlib.util.find_spec(m) is not None and hasattr(mod := importlib.import_module(m), 'add_cli'): mod.add_cli(cmds)
     return p
 
 def main(argv=None) -> int:
@@ -237,7 +198,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try: return args.fn(args)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
-        print(f'wavenb {args.command}: error: {e}', file=sys.stderr)
+        print(f"wavenb {args.command}{' ' + args.model if getattr(args, 'model', None) else ''}: error: {e}", file=sys.stderr)
         return 2
 
 # %% ../nbs/99_cli.ipynb #c184a271

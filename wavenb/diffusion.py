@@ -13,7 +13,7 @@ from .learner import Callback
 
 # %% auto #0
 __all__ = ['PREDICTIONS', 'Schedule', 'target', 'to_x0_eps', 'PixelSpace', 'WaveletSpace', 'DiffusionCB', 'ddim_steps', 'sample',
-           'ddim_invert', 'build_diffusion', 'train_diffusion', 'load_diffusion', 'sample_diffusion']
+           'ddim_invert', 'build_diffusion', 'train_diffusion', 'load_diffusion', 'sample_diffusion', 'add_cli']
 
 # %% ../nbs/51_diffusion.ipynb #c784d680
 class Schedule(nn.Module):
@@ -259,3 +259,51 @@ def sample_diffusion(ckpt, n: int = 64, sampler: str = 'ddim', steps: int = 50, 
     imgs = sample(model, sched, (n, *cfg['shape']), space, sampler, steps, eta, cfg['pred'], generator=g, device=device)
     if out: save_grid(imgs, out, 8, 'symmetric')
     return imgs
+
+# %% ../nbs/51_diffusion.ipynb #ddd3458e
+def _train_cli(a):
+    from wavenb.cli import parse_source
+    src, split = parse_source(a.data)
+    m = train_diffusion(src, a.split or split, a.size, a.space, a.levels, a.wavelet, a.backbone, a.width, tuple(a.mults), a.blocks,
+                        a.T, a.schedule, a.pred, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.ckpt, a.ckpt_every, a.out,
+                        a.sample_every, a.eval_samples, a.sample_steps, a.fid_weights, a.device, a.seed, a.compile)
+    print(json.dumps(m, indent=2))
+    return 0
+
+def _sample_cli(a):
+    sample_diffusion(a.ckpt, a.n, a.sampler, a.steps, a.eta, a.out, a.seed, a.device)
+    print('wrote', a.out)
+    return 0
+
+def add_cli(cmds: dict):
+    "Add `wavenb train diffusion` and `wavenb sample diffusion` to the `wavenb` command's subparsers."
+    s = cmds['train'].add_parser('diffusion', help='DDPM/DDIM in pixel or wavelet space', description='Train a diffusion model in pixel or '
+                                 'wavelet space (checkpoints resume exactly; writes OUT/metrics.json, OUT/samples.png, OUT/loss.png).')
+    s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
+    s.add_argument('--split'); s.add_argument('--size', type=int, help='resize images to SIZE x SIZE')
+    s.add_argument('--space', choices=['pixel', 'wavelet'], default='wavelet')
+    s.add_argument('--levels', type=int, default=1, help='wavelet levels (> 1: wavelet packet)')
+    s.add_argument('--wavelet', default='haar')
+    s.add_argument('--backbone', choices=['unet', 'ukan'], default='unet')
+    s.add_argument('--width', type=int, default=64); s.add_argument('--mults', type=int, nargs='+', default=[1, 2, 2])
+    s.add_argument('--blocks', type=int, default=2)
+    s.add_argument('--T', type=int, default=1000); s.add_argument('--schedule', choices=['linear', 'cosine'], default='cosine')
+    s.add_argument('--pred', choices=['eps', 'x0', 'v'], default='v')
+    s.add_argument('--steps', type=int, default=1000); s.add_argument('--batch-size', type=int, default=128)
+    s.add_argument('--lr', type=float, default=2e-4); s.add_argument('--warmup', type=int, default=200)
+    s.add_argument('--ema', type=float, default=0.999)
+    s.add_argument('--ckpt', default='runs/diffusion', help='checkpoint folder (re-running resumes from it)')
+    s.add_argument('--ckpt-every', type=int, default=1000)
+    s.add_argument('--out', default='figures/diffusion', help='results folder')
+    s.add_argument('--sample-every', type=int, help='save a sample grid every N steps')
+    s.add_argument('--eval-samples', type=int, default=0, help='FID/KID on this many DDIM samples at the end (0: none)')
+    s.add_argument('--sample-steps', type=int, default=50, help='DDIM steps for grids and evaluation')
+    s.add_argument('--fid-weights', help='TorchScript FID Inception network (see wavenb fid --help)')
+    s.add_argument('--device'); s.add_argument('--seed', type=int, default=0); s.add_argument('--compile', action='store_true')
+    s.set_defaults(fn=_train_cli)
+    s = cmds['sample'].add_parser('diffusion', help='sample a trained diffusion model', description='Sample images from a train_diffusion checkpoint folder (EMA weights).')
+    s.add_argument('--ckpt', required=True, help='checkpoint folder written by wavenb train diffusion')
+    s.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddim'); s.add_argument('--steps', type=int, default=50)
+    s.add_argument('--eta', type=float, default=0.0); s.add_argument('--n', type=int, default=64)
+    s.add_argument('--out', default='samples.png'); s.add_argument('--seed', type=int, default=0); s.add_argument('--device')
+    s.set_defaults(fn=_sample_cli)
