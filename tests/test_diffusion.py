@@ -108,3 +108,62 @@ def test_cli_train_resume_sample(tmp_path):
     assert r.returncode == 0 and (tmp_path / 's.png').is_file(), r.stderr[-2000:]
     r = run_cli('sample', 'diffusion', '--ckpt', tmp_path / 'nothing')
     assert r.returncode == 2 and 'config.json' in r.stderr
+
+class ConvDenoiser(nn.Module):
+    def __init__(self): super().__init__(); self.c = nn.Conv2d(12, 12, 3, padding=1)
+    def forward(self, x, t): return self.c(x)
+
+def test_fid_curve_survives_resume(tmp_path):
+    "The FID curve is checkpointed: a resumed run keeps its earlier points and adds new ones at the right steps."
+    from wavenb.diffusion import FIDCurveCB
+    from wavenb.learner import CheckpointCB, EMACB
+    from wavenb.metrics import FIDKID, RandomFeatures
+    ds = load_images(limit=64)
+    sched, space = Schedule(100, 'cosine'), WaveletSpace(3, 1)
+    fk = FIDKID(RandomFeatures()).set_real(ds)
+    def run(steps):
+        torch.manual_seed(0)
+        model = ConvDenoiser()
+        cb = FIDCurveCB(lambda m, b: sample(m, sched, (b, 3, 32, 32), space, 'ddim', 2, pred='v'), fk, n=16, every=4, batch=16)
+        L = Learner(model, ds, F.mse_loss, batch_size=8, collate=Collate(scale='symmetric'),
+                    cbs=[DiffusionCB(sched, space, 'v'), EMACB(0.9), CheckpointCB(tmp_path, every=4), cb])
+        L.fit(steps)
+        return cb.curve
+    first = run(6)
+    assert [p['step'] for p in first] == [4, 6]
+    again = run(10)                                 # resumes from step 6 (the checkpoint written at the end of fit)
+    assert [p['step'] for p in again] == [4, 6, 8, 10] and again[:2] == first
+
+def test_time_budget_band_scaling_and_matched_ukan(tmp_path):
+    from wavenb.diffusion import train_diffusion
+    m = train_diffusion('sample', steps=10_000, batch_size=8, width=16, blocks=1, ckpt=tmp_path / 'ck', out=tmp_path / 'res', warmup=2,
+                        sample_steps=2, minutes=0.05, band_scaling=False, backbone='ukan', match_unet=True, device='cpu')
+    import json
+    r = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert r['steps'] < 10_000 and r['train_time_s'] >= 3.0 and r['time_budget_min'] == 0.05
+    assert r['config']['scales'] == [1.0] * 12 and r['config']['band_scaling'] is False
+    from wavenb.unet import UNet, n_params
+    unet = n_params(UNet(12, 16, (1, 2, 2), 1, (2,), 'unet'))
+    assert r['config']['width'] < 16 and abs(r['parameters'] - unet) / unet < 0.1
+    with pytest.raises(FileNotFoundError, match='FID network not found'):
+        train_diffusion('sample', steps=1, ckpt=tmp_path / 'ck2', out=tmp_path / 'res2', eval_samples=10, fid_weights=tmp_path / 'missing.pt')
+
+def test_cli_bench_and_eval(tmp_path):
+    from conftest import run_cli
+    import json
+    r = run_cli('eval', 'diffusion', tmp_path / 'none')
+    assert r.returncode == 2 and 'metrics.json' in r.stderr
+    for name, fids, ips in (('pixel', [20.0, 10.0], 100.0), ('wavelet', [9.5, 8.0], 400.0)):
+        (tmp_path / name).mkdir()
+        curve = [dict(step=i, train_time_s=60.0 * (i + 1), fid=f, kid=0.0) for i, f in enumerate(fids)]
+        (tmp_path / name / 'metrics.json').write_text(json.dumps(dict(parameters=2e6, images_per_s=ips, train_time_s=120.0,
+                                                      config=dict(space=name, levels=1, backbone='unet'), metrics=dict(fid=fids[-1], fid_curve=curve))))
+    r = run_cli('eval', 'diffusion', tmp_path / 'pixel', tmp_path / 'wavelet', '--out', tmp_path / 'cmp')
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / 'cmp' / 'metrics.json').read_text())['metrics']['rows']
+    assert [x['speedup'] for x in rows] == [1.0, 2.0] and (tmp_path / 'cmp' / 'fid_vs_time.png').is_file()
+    from wavenb.diffusion import bench_diffusion
+    rows = bench_diffusion({'t': dict(channels=12, size=8, width=8, mults=(1, 2), mix_levels=(1,))}, impls=('wavenb',), batch_sizes=(2,),
+                           device='cpu', steps=1, warmup=1)
+    assert rows[0]['params'] > 0 and rows[0]['train_images_per_s'] > 0
+    with pytest.raises(ValueError, match='impl'): bench_diffusion(impls=('keras',), device='cpu')

@@ -175,17 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--no-cache', action='store_true', help='do not read or write cached feature statistics')
     s.add_argument('--out', help='folder to write metrics.json with provenance')
     s.set_defaults(fn=_fid)
-    s = sub.add_parser('bench', help='benchmarks (haar: the fused kernel against copy, PyTorch and other libraries)',
-                       description='Median time and effective GB/s of the one-level Haar transform, forward and inverse, for the device copy, '
-                                   'the wavenb kernel, plain PyTorch (eager, torch.compile), pytorch_wavelets and ptwt when installed.')
-    s.add_argument('what', choices=['haar'], help='what to benchmark')
+    bench = sub.add_parser('bench', help='benchmarks (`wavenb bench WHAT --help`)', description='Speed benchmarks; `wavenb bench WHAT --help` for each.'
+                           ).add_subparsers(dest='model', metavar='WHAT', required=True)
+    s = bench.add_parser('haar', help='the fused Haar kernel against copy, PyTorch and other libraries',
+                         description='Median time and effective GB/s of the one-level Haar transform, forward and inverse, for the device copy, '
+                                     'the wavenb kernel, plain PyTorch (eager, torch.compile), pytorch_wavelets and ptwt when installed.')
     s.add_argument('--shapes', nargs='+', metavar='B,C,H,W', help='input shapes (default: 256,3,32,32 128,64,64,64 32,128,128,128)')
     s.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'], choices=['float32', 'bfloat16', 'float16'])
     s.add_argument('--device', help='cuda or cpu (default: cuda if available)')
     s.add_argument('--min-run-time', type=float, default=0.5, help='seconds of timing per measurement')
     s.add_argument('--out', help='folder for metrics.json and bench.png')
     s.set_defaults(fn=_bench)
-    cmds = {'': sub}
+    cmds = {'': sub, 'bench': bench}
     for name, what in [('train', 'train a model'), ('sample', 'sample from a trained model'), ('eval', 'evaluate a trained model')]:
         cmds[name] = sub.add_parser(name, help=what, description=f'{what[0].upper()}{what[1:]}; `wavenb {name} MODEL --help` for its options.'
                                     ).add_subparsers(dest='model', metavar='MODEL', required=True)

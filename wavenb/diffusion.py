@@ -12,8 +12,10 @@ from .haar import dwt2_stacked, idwt2_stacked, filter_bank
 from .learner import Callback
 
 # %% auto #0
-__all__ = ['PREDICTIONS', 'Schedule', 'target', 'to_x0_eps', 'PixelSpace', 'WaveletSpace', 'DiffusionCB', 'ddim_steps', 'sample',
-           'ddim_invert', 'build_diffusion', 'train_diffusion', 'load_diffusion', 'sample_diffusion', 'add_cli']
+__all__ = ['PREDICTIONS', 'BENCH_CONFIGS', 'IMPLS', 'Schedule', 'target', 'to_x0_eps', 'PixelSpace', 'WaveletSpace',
+           'DiffusionCB', 'ddim_steps', 'sample', 'ddim_invert', 'FIDCurveCB', 'time_to_fid', 'build_diffusion',
+           'train_diffusion', 'load_diffusion', 'sample_diffusion', 'diffusers_unet', 'bench_denoiser',
+           'bench_diffusion', 'format_rows', 'compare_runs', 'plot_fid_curves', 'add_cli']
 
 # %% ../nbs/51_diffusion.ipynb #c784d680
 class Schedule(nn.Module):
@@ -163,9 +165,40 @@ def ddim_invert(model: nn.Module, schedule: Schedule, images: Tensor, space: nn.
         x, prev = ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t
     return x
 
+# %% ../nbs/51_diffusion.ipynb #675f8a0a
+from .data import to_uint8
+
+class FIDCurveCB(Callback):
+    "Every `every` steps and at the end: FID/KID of `n` EMA samples (`sample_fn(model, batch)`) against `fidkid`'s reference, with the training time."
+    order = 25
+    def __init__(self, sample_fn, fidkid, n: int = 2000, every: int = 1000, batch: int = 500):
+        self.sample_fn, self.fk, self.n, self.every, self.batch, self.curve = sample_fn, fidkid, n, every, batch, []
+    def _run(self):
+        L = self.learn
+        if not L.is_main: return
+        model = L.ema_model if L.ema_model is not None else L.raw_model
+        was = model.training; model.eval(); self.fk.reset_fake()
+        with torch.no_grad():
+            for k in range(0, self.n, self.batch): self.fk.add_fake(to_uint8(self.sample_fn(model, min(self.batch, self.n - k)), 'symmetric'))
+        model.train(was)
+        r = self.fk.compute()
+        self.curve.append(dict(step=L.step, train_time_s=round(L.train_time, 3), images_seen=L.images_seen, fid=r['fid'], kid=r['kid'], samples=self.n))
+        L.history['fid'] = self.curve
+    def after_batch(self):
+        if self.learn.step % self.every == 0: self._run()
+    def after_fit(self):
+        if not self.curve or self.curve[-1]['step'] != self.learn.step: self._run()
+    def state_dict(self): return {'curve': self.curve}
+    def load_state_dict(self, sd): self.curve = list(sd['curve'])
+
+def time_to_fid(curve: list[dict], target: float) -> float | None:
+    "Training seconds at the first point of `curve` with FID <= `target` (None if never reached)."
+    return next((p['train_time_s'] for p in curve if p['fid'] <= target), None)
+
 # %% ../nbs/51_diffusion.ipynb #51df3a70
 import json, time
 from pathlib import Path
+import matplotlib.pyplot as plt
 
 def build_diffusion(cfg: dict):
     "Space, schedule and denoiser from a configuration dict (as saved in `config.json`)."
@@ -183,17 +216,27 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
                     blocks: int = 2, T: int = 1000, schedule: str = 'cosine', pred: str = 'v', steps: int = 1000,
                     batch_size: int = 128, lr: float = 2e-4, warmup: int = 200, ema: float = 0.999, ckpt='runs/diffusion',
                     ckpt_every: int = 1000, out='figures/diffusion', sample_every: int | None = None, eval_samples: int = 0,
-                    sample_steps: int = 50, fid_weights=None, device=None, seed: int = 0, compile: bool = False) -> dict:
-    "Train a pixel- or wavelet-space diffusion model and write samples, checkpoints and `out/metrics.json`."
-    from wavenb.data import load_images, Collate, to_float, to_uint8
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB
-    from wavenb.metrics import FIDKID, save_grid
+                    sample_steps: int = 50, fid_weights=None, device=None, seed: int = 0, compile: bool = False,
+                    minutes: float | None = None, fid_every: int | None = None, fid_curve_samples: int = 2000,
+                    band_scaling: bool = True, match_unet: bool = False) -> dict:
+    """Train a pixel- or wavelet-space diffusion model and write samples, checkpoints and `out/metrics.json`.
+    `minutes`: training-time budget (cosine LR over it, `steps` only a cap); `fid_every`: an FID curve point every N steps
+    (`fid_curve_samples` samples); `band_scaling=False`: wavelet bands left unscaled (ablation); `match_unet`: for
+    `backbone='ukan'`, pick the width whose parameter count matches the UNet at `width`."""
+    from wavenb.data import load_images, Collate, to_float
+    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, TimeLimitCB
+    from wavenb.metrics import FIDKID, InceptionFeatures, save_grid
+    from wavenb.unet import match_width, n_params, UNet
     if space not in ('pixel', 'wavelet'): raise ValueError(f"space must be 'pixel' or 'wavelet', got {space!r}")
+    fid_net = InceptionFeatures(fid_weights) if (eval_samples or fid_every) else None   # fails now, not after training, if missing
     ds = load_images(data, split, size=size)
     ckpt, out = Path(ckpt), Path(out)
     cfg_file = ckpt / 'config.json'
+    zc = (PixelSpace() if space == 'pixel' else WaveletSpace(ds.shape[0], levels, wavelet)).latent_shape((1, *ds.shape))[1]
+    mix = (len(mults) - 1,)
+    if match_unet and backbone == 'ukan': width = match_width(n_params(UNet(zc, width, mults, blocks, mix, 'unet')), zc, mults, blocks, mix, 'ukan')
     cfg = dict(shape=list(ds.shape), space=space, levels=levels, wavelet=wavelet, backbone=backbone, width=width, mults=list(mults),
-               blocks=blocks, T=T, schedule=schedule, pred=pred, data=ds.name, data_sha256=ds.checksum)
+               blocks=blocks, T=T, schedule=schedule, pred=pred, data=ds.name, data_sha256=ds.checksum, band_scaling=band_scaling)
     if cfg_file.is_file():  # resuming: the folder's configuration must be this one
         old = json.loads(cfg_file.read_text())
         diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
@@ -202,7 +245,7 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
     sp, sched, model = build_diffusion(cfg)
     if space == 'wavelet' and cfg.get('scales') is None:
         sub = ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:10_000]]
-        cfg['scales'] = sp.fit_scales(to_float(sub, 'symmetric')).tolist()
+        cfg['scales'] = sp.fit_scales(to_float(sub, 'symmetric')).tolist() if band_scaling else [1.0] * zc
     ckpt.mkdir(parents=True, exist_ok=True); cfg_file.write_text(json.dumps(cfg, indent=1))
     shape = (64, *ds.shape)
     grid_fn = lambda m: sample(m, sched, shape, sp, 'ddim', sample_steps, pred=pred, generator=torch.Generator(device=next(m.parameters()).device).manual_seed(seed))
@@ -215,7 +258,7 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
         res = dict(sample_s_per_1k_images=round((time.perf_counter() - t0) * 1000 / len(imgs), 2), sample_steps=sample_steps)
         save_grid(imgs[:64], out / 'samples.png', 8, 'symmetric')
         if eval_samples > 0:
-            fk = FIDKID(weights=fid_weights, device=dev).set_real(ds)
+            fk = FIDKID(fid_net, device=dev).set_real(ds)
             n = 0
             while n < eval_samples:
                 b = min(500, eval_samples - n)
@@ -224,14 +267,25 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
             r = fk.compute()
             res.update(fid=r['fid'], kid=r['kid'], kid_std=r['kid_std'], fid_samples=r['n_fake'], fid_reference=r['reference'],
                        fid_reference_images=r['n_real'], fid_sampler=f'DDIM {sample_steps} steps, EMA weights')
+        if L.history.get('fid'):
+            c = L.history['fid']
+            res['fid_curve'] = c
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            ax.plot([p['train_time_s'] / 60 for p in c], [p['fid'] for p in c], 'o-')
+            ax.set(xlabel='training minutes (evaluation excluded)', ylabel=f'FID ({fid_curve_samples} samples)', title=f'{space} space, {backbone}')
+            fig.tight_layout(); fig.savefig(out / 'fid_vs_time.png', dpi=80); plt.close(fig)
         return res
 
-    cbs = [DiffusionCB(sched, sp, pred), LRScheduleCB(warmup), GradClipCB(1.0), EMACB(ema), ProgressCB(every=20),
-           CheckpointCB(ckpt, every=ckpt_every, keep=2), ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment='diffusion', config=cfg)]
+    cbs = [DiffusionCB(sched, sp, pred), LRScheduleCB(warmup, minutes=minutes), GradClipCB(1.0), EMACB(ema), ProgressCB(every=20),
+           CheckpointCB(ckpt, every=ckpt_every, keep=2), ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment='diffusion', config=cfg,
+                                                                   time_budget_min=minutes)]
     if sample_every: cbs.append(SampleCB(grid_fn, out / 'progress', every=sample_every, scale='symmetric'))
+    if minutes: cbs.append(TimeLimitCB(minutes))
     learn = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
                     collate=Collate(scale='symmetric', flip=True), cbs=cbs)
-    learn.fit(steps)
+    curve = [FIDCurveCB(lambda m, b: sample(m, sched, (b, *ds.shape), sp, 'ddim', sample_steps, pred=pred, device=learn.device),
+                        FIDKID(fid_net, device=learn.device).set_real(ds), fid_curve_samples, fid_every)] if fid_every else []
+    learn.fit(steps, cbs=curve)
     return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
 
 def load_diffusion(ckpt, device='cpu'):
@@ -260,13 +314,130 @@ def sample_diffusion(ckpt, n: int = 64, sampler: str = 'ddim', steps: int = 50, 
     if out: save_grid(imgs, out, 8, 'symmetric')
     return imgs
 
+# %% ../nbs/51_diffusion.ipynb #c26bc844
+from contextlib import nullcontext
+
+BENCH_CONFIGS = {  # 2 residual blocks per level; attention at `mix_levels` (0 = full resolution)
+    'pixel-ddpm':    dict(channels=3, size=32, width=128, mults=(1, 2, 2, 2), mix_levels=(1,)),   # DDPM's CIFAR-10 UNet, pixels
+    'wavelet1-wddm': dict(channels=12, size=16, width=128, mults=(1, 2, 2), mix_levels=(0, 1)),  # WDDM's CIFAR-10 config, Haar level 1
+    'pixel-wddm1':   dict(channels=3, size=32, width=128, mults=(1, 2, 2), mix_levels=(0, 1)),   # that same backbone on pixels
+    'wavelet2-wddm': dict(channels=48, size=8, width=64, mults=(1, 2, 2), mix_levels=(0,)),      # WDDM's level-2 (packet) config
+}
+IMPLS = ('wavenb', 'wavenb-compiled', 'wavenb-graphs', 'diffusers')
+
+class _Diffusers(nn.Module):
+    def __init__(self, m): super().__init__(); self.m = m
+    def forward(self, x, t): return self.m(x, t).sample
+
+def diffusers_unet(channels, size, width, mults, mix_levels, blocks: int = 2, heads: int = 4) -> nn.Module:
+    "`diffusers.UNet2DModel` of the same configuration as `UNet(channels, width, mults, blocks, mix_levels)`, called as `(x, t)`."
+    from wavenb.unet import norm
+    try: from diffusers import UNet2DModel
+    except ImportError as e: raise RuntimeError('the diffusers comparison needs `pip install diffusers` (wavenb itself does not use it)') from e
+    ch = [width * m for m in mults]
+    down = ['AttnDownBlock2D' if i in mix_levels else 'DownBlock2D' for i in range(len(ch))]
+    return _Diffusers(UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=ch, layers_per_block=blocks,
+                                  down_block_types=down, up_block_types=[b.replace('Down', 'Up') for b in reversed(down)],
+                                  attention_head_dim=ch[-1] // heads, norm_num_groups=norm(ch[0]).num_groups))  # 32, as ours, from width 128
+
+def _sync(d):
+    if d.type == 'cuda': torch.cuda.synchronize(d)
+
+def bench_denoiser(model: nn.Module, shape, batch_size: int, device='cuda', steps: int = 10, warmup: int = 3, compile_mode: str | None = None) -> dict:
+    "Training images/s (forward + backward + AdamW), peak memory, and forward seconds per 1k images, on random data."
+    d = torch.device(device)
+    model = model.to(d).train()
+    f = torch.compile(model, mode=compile_mode) if compile_mode else model
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=d.type == 'cuda')
+    x, t = torch.randn(batch_size, *shape, device=d), torch.randint(0, 1000, (batch_size,), device=d)
+    amp = (lambda: torch.autocast('cuda', torch.bfloat16)) if d.type == 'cuda' else nullcontext
+    def step():
+        with amp(): loss = F.mse_loss(f(x, t).float(), x)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    for _ in range(warmup): step()
+    _sync(d)
+    if d.type == 'cuda': torch.cuda.reset_peak_memory_stats(d)
+    t0 = time.perf_counter()
+    for _ in range(steps): step()
+    _sync(d); train = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(d) if d.type == 'cuda' else None
+    with torch.no_grad():
+        for _ in range(warmup):
+            with amp(): f(x, t)
+        _sync(d); t0 = time.perf_counter()
+        for _ in range(steps):
+            with amp(): f(x, t)
+        _sync(d); fwd = time.perf_counter() - t0
+    return dict(train_images_per_s=round(steps * batch_size / train, 1), peak_gib=None if peak is None else round(peak / 2 ** 30, 2),
+                forward_s_per_1k_images=round(fwd / steps / batch_size * 1000, 4))
+
+def bench_diffusion(configs: dict | None = None, impls=('wavenb', 'diffusers'), batch_sizes=(256, 1024), device=None,
+                    steps: int = 10, warmup: int = 3, skip_missing: bool = True) -> list[dict]:
+    "One row per (configuration, implementation, batch size); a missing diffusers is skipped (with a note) unless `skip_missing=False`."
+    from wavenb.unet import UNet, n_params
+    d = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    rows = []
+    for name, c in (configs or BENCH_CONFIGS).items():
+        for impl in impls:
+            if impl not in IMPLS: raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
+            make = (lambda: diffusers_unet(**c)) if impl == 'diffusers' else (lambda: UNet(c['channels'], c['width'], c['mults'], 2, c['mix_levels']))
+            for bs in batch_sizes:
+                try: m = make()
+                except RuntimeError as e:
+                    if not skip_missing: raise
+                    rows.append(dict(config=name, impl=impl, batch_size=bs, skipped=str(e))); continue
+                mode = {'wavenb-compiled': 'max-autotune-no-cudagraphs', 'wavenb-graphs': 'reduce-overhead'}.get(impl)
+                r = bench_denoiser(m, (c['channels'], c['size'], c['size']), bs, d, steps, warmup, mode)
+                rows.append(dict(config=name, impl=impl, batch_size=bs, params=n_params(m), **r))
+                del m
+                if d.type == 'cuda': torch.cuda.empty_cache()
+    return rows
+
+def format_rows(rows: list[dict], keys=None) -> str:
+    "A markdown table of `rows` (dicts)."
+    keys = keys or list(dict.fromkeys(k for r in rows for k in r))
+    return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(str(r.get(k, '')) for k in keys) + ' |' for r in rows])
+
+# %% ../nbs/51_diffusion.ipynb #0fb84673
+def compare_runs(folders, reference: int = 0) -> list[dict]:
+    "One row per `train_diffusion` results folder; times to reach the final FID of `folders[reference]`, read from the FID curves."
+    runs = []
+    for f in map(Path, folders):
+        if not (f / 'metrics.json').is_file(): raise FileNotFoundError(f'no metrics.json in {f}: not a train_diffusion results folder')
+        runs.append(json.loads((f / 'metrics.json').read_text()))
+    ref = runs[reference]
+    target, t_ref = ref['metrics'].get('fid'), ref['train_time_s']
+    rows = []
+    for f, r in zip(folders, runs):
+        m, c = r['metrics'], r.get('config', {})
+        t = time_to_fid(m.get('fid_curve', []), target) if target is not None else None
+        rows.append(dict(run=Path(f).name, space=c.get('space'), levels=c.get('levels') if c.get('space') == 'wavelet' else None, backbone=c.get('backbone'),
+                         params_M=round(r['parameters'] / 1e6, 2), train_images_per_s=r['images_per_s'],
+                         peak_gib=round(r['peak_memory_bytes'] / 2 ** 30, 2) if r.get('peak_memory_bytes') else None,
+                         train_min=round(r['train_time_s'] / 60, 2), fid=m.get('fid'), kid=m.get('kid'), fid_samples=m.get('fid_samples'),
+                         sample_s_per_1k=m.get('sample_s_per_1k_images'), min_to_ref_fid=None if t is None else round(t / 60, 2),
+                         speedup=None if not t else round(t_ref / t, 2)))
+    return rows
+
+def plot_fid_curves(folders, path=None):
+    "FID against training minutes for several `train_diffusion` results folders, on one plot."
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for f in map(Path, folders):
+        c = json.loads((f / 'metrics.json').read_text())['metrics'].get('fid_curve', [])
+        ax.plot([p['train_time_s'] / 60 for p in c], [p['fid'] for p in c], 'o-', label=f.name)
+    ax.set(xlabel='training minutes (evaluation excluded)', ylabel='FID', title='FID against training time'); ax.legend()
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=80)
+    return fig
+
 # %% ../nbs/51_diffusion.ipynb #ddd3458e
 def _train_cli(a):
     from wavenb.cli import parse_source
     src, split = parse_source(a.data)
     m = train_diffusion(src, a.split or split, a.size, a.space, a.levels, a.wavelet, a.backbone, a.width, tuple(a.mults), a.blocks,
                         a.T, a.schedule, a.pred, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.ckpt, a.ckpt_every, a.out,
-                        a.sample_every, a.eval_samples, a.sample_steps, a.fid_weights, a.device, a.seed, a.compile)
+                        a.sample_every, a.eval_samples, a.sample_steps, a.fid_weights, a.device, a.seed, a.compile,
+                        a.minutes, a.fid_every, a.fid_curve_samples, not a.no_band_scaling, a.match_unet)
     print(json.dumps(m, indent=2))
     return 0
 
@@ -275,8 +446,35 @@ def _sample_cli(a):
     print('wrote', a.out)
     return 0
 
+def _bench_cli(a):
+    from wavenb.metrics import write_metrics, plot_bars
+    configs = {k: BENCH_CONFIGS[k] for k in a.configs} if a.configs else None
+    rows = bench_diffusion(configs, a.impls, a.batch_sizes, a.device, a.steps, a.warmup)
+    print(format_rows(rows))
+    if a.out:
+        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+        (out / 'bench.md').write_text(format_rows(rows) + '\n')
+        ok = [r for r in rows if 'skipped' not in r]
+        plt.close(plot_bars({f"{r['config']}\n{r['impl']} b{r['batch_size']}": r['train_images_per_s'] for r in ok}, out / 'bench.png',
+                            'training images/s', 'Training throughput (random data)', log=True))
+        print('wrote', write_metrics(out, dict(rows=rows), device=a.device or ('cuda' if torch.cuda.is_available() else 'cpu'),
+                                     figures=['bench.png', 'bench.md'], configs={k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in c.items()}
+                                                                               for k, c in (configs or BENCH_CONFIGS).items()}))
+    return 0
+
+def _eval_cli(a):
+    from wavenb.metrics import write_metrics
+    rows = compare_runs(a.runs, a.reference)
+    print(format_rows(rows))
+    if a.out:
+        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+        (out / 'table.md').write_text(format_rows(rows) + '\n')
+        plt.close(plot_fid_curves(a.runs, out / 'fid_vs_time.png'))
+        print('wrote', write_metrics(out, dict(rows=rows), runs=[str(r) for r in a.runs], reference=str(a.runs[a.reference]), figures=['fid_vs_time.png', 'table.md']))
+    return 0
+
 def add_cli(cmds: dict):
-    "Add `wavenb train diffusion` and `wavenb sample diffusion` to the `wavenb` command's subparsers."
+    "Add `wavenb train|sample|eval|bench diffusion` to the `wavenb` command's subparsers."
     s = cmds['train'].add_parser('diffusion', help='DDPM/DDIM in pixel or wavelet space', description='Train a diffusion model in pixel or '
                                  'wavelet space (checkpoints resume exactly; writes OUT/metrics.json, OUT/samples.png, OUT/loss.png).')
     s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
@@ -300,6 +498,11 @@ def add_cli(cmds: dict):
     s.add_argument('--sample-steps', type=int, default=50, help='DDIM steps for grids and evaluation')
     s.add_argument('--fid-weights', help='TorchScript FID Inception network (see wavenb fid --help)')
     s.add_argument('--device'); s.add_argument('--seed', type=int, default=0); s.add_argument('--compile', action='store_true')
+    s.add_argument('--minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (--steps is then a cap)')
+    s.add_argument('--fid-every', type=int, help='an FID-vs-training-time point every N steps (needs --fid-weights)')
+    s.add_argument('--fid-curve-samples', type=int, default=2000, help='samples per FID-curve point (default 2000)')
+    s.add_argument('--no-band-scaling', action='store_true', help='ablation: leave the wavelet bands unscaled')
+    s.add_argument('--match-unet', action='store_true', help='with --backbone ukan: choose the width whose parameter count matches the UNet at --width')
     s.set_defaults(fn=_train_cli)
     s = cmds['sample'].add_parser('diffusion', help='sample a trained diffusion model', description='Sample images from a train_diffusion checkpoint folder (EMA weights).')
     s.add_argument('--ckpt', required=True, help='checkpoint folder written by wavenb train diffusion')
@@ -307,3 +510,17 @@ def add_cli(cmds: dict):
     s.add_argument('--eta', type=float, default=0.0); s.add_argument('--n', type=int, default=64)
     s.add_argument('--out', default='samples.png'); s.add_argument('--seed', type=int, default=0); s.add_argument('--device')
     s.set_defaults(fn=_sample_cli)
+    s = cmds['bench'].add_parser('diffusion', help='denoiser training/sampling speed: pixel vs wavelet, wavenb vs diffusers',
+                                 description='Training images/s, peak memory and forward time per 1k images of the anchor configurations (random data).')
+    s.add_argument('--configs', nargs='+', choices=list(BENCH_CONFIGS), help='subset of the configurations (default: all)')
+    s.add_argument('--impls', nargs='+', choices=IMPLS, default=['wavenb', 'diffusers'])
+    s.add_argument('--batch-sizes', type=int, nargs='+', default=[256, 1024])
+    s.add_argument('--steps', type=int, default=10); s.add_argument('--warmup', type=int, default=3)
+    s.add_argument('--device'); s.add_argument('--out', help='folder for metrics.json, bench.md, bench.png')
+    s.set_defaults(fn=_bench_cli)
+    s = cmds['eval'].add_parser('diffusion', help='the comparison table of several train_diffusion results folders',
+                                description='Table (params, images/s, memory, FID, time to reach the reference run\'s final FID, speedup) and FID-vs-time curves.')
+    s.add_argument('runs', nargs='+', help='train_diffusion results folders (each with metrics.json)')
+    s.add_argument('--reference', type=int, default=0, help='index of the reference run (default 0: the first)')
+    s.add_argument('--out', help='folder for table.md, fid_vs_time.png, metrics.json')
+    s.set_defaults(fn=_eval_cli)

@@ -19,8 +19,8 @@ from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'dist_env', 'init_distributed',
            'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner', 'ProgressCB', 'warmup_cosine',
-           'LRScheduleCB', 'GradClipCB', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError', 'load_checkpoint',
-           'load_weights', 'CheckpointCB', 'ResultsCB']
+           'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError',
+           'load_checkpoint', 'load_weights', 'CheckpointCB', 'ResultsCB']
 
 # %% ../nbs/02_learner.ipynb #2426ad87
 class ResumableSampler(Sampler[int]):
@@ -260,19 +260,28 @@ def warmup_cosine(step: int, warmup: int, total: int, final: float = 0.0) -> flo
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
 
 class LRScheduleCB(Callback):
-    "Linear warmup + cosine decay over the steps of `fit` (or `total`)."
+    "Linear warmup + cosine decay over the steps of `fit` (or `total`), or over a training-time budget of `minutes`."
     order = -10
-    def __init__(self, warmup: int = 100, total: int | None = None, final: float = 0.0):
-        self.warmup, self.total, self.final = warmup, total, final
+    def __init__(self, warmup: int = 100, total: int | None = None, final: float = 0.0, minutes: float | None = None):
+        self.warmup, self.total, self.final, self.minutes = warmup, total, final, minutes
+    def mult(self, s: int) -> float:
+        if self.minutes is None or s < self.warmup: return warmup_cosine(s, self.warmup, self.total or self.learn.max_steps, self.final)
+        t = min(1.0, self.learn.train_time / (60 * self.minutes))   # the fraction of the time budget used (checkpointed, so resume is exact)
+        return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * t))
     def before_fit(self):
-        if getattr(self, 'sched', None) is None:
-            total = self.total or self.learn.max_steps
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.learn.opt, lambda s: warmup_cosine(s, self.warmup, total, self.final))
+        if getattr(self, 'sched', None) is None: self.sched = torch.optim.lr_scheduler.LambdaLR(self.learn.opt, self.mult)
         self.learn.history.setdefault('lr', [])
     def after_step(self):
         self.learn.history['lr'].append(self.learn.opt.param_groups[0]['lr']); self.sched.step()
     def state_dict(self): return self.sched.state_dict()
     def load_state_dict(self, sd): self.sched.load_state_dict(sd)
+
+class TimeLimitCB(Callback):
+    "End `fit` cleanly once the training time (`learn.train_time`, evaluation excluded) reaches `minutes`."
+    order = 100
+    def __init__(self, minutes: float): self.minutes = minutes
+    def after_batch(self):
+        if self.learn.train_time >= 60 * self.minutes: raise CancelFitException()
 
 class GradClipCB(Callback):
     "Clip the global gradient norm to `max_norm`; record the norm before clipping."

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['timestep_embedding', 'norm', 'ResBlock', 'KANLayer', 'Attention', 'TokKAN', 'UNet', 'n_params']
+__all__ = ['timestep_embedding', 'norm', 'ResBlock', 'KANLayer', 'Attention', 'TokKAN', 'UNet', 'n_params', 'match_width']
 
 # %% ../nbs/50_unet.ipynb #d0f19e7e
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -130,3 +130,16 @@ class UNet(nn.Module):
         return self.out(h)
 
 def n_params(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
+
+# %% ../nbs/50_unet.ipynb #75766704
+def match_width(target: int, channels: int = 3, mults=(1, 2, 2), blocks: int = 2, mix_levels=(2,), backbone: str = 'ukan',
+                step: int = 2) -> int:
+    "The width (multiple of `step`) whose `UNet(channels, width, mults, blocks, mix_levels, backbone)` has closest to `target` parameters."
+    count = lambda w: n_params(UNet(channels, w, mults, blocks, mix_levels, backbone))
+    hi = step
+    while count(hi) < target: hi *= 2                    # the count grows with the width: double, then bisect
+    lo = max(step, hi // 2)
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
+    return min((lo, hi), key=lambda w: abs(count(w) - target))

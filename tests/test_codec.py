@@ -1,0 +1,140 @@
+"wavenb.codec on the CPU: rANS round trips, quantised CDFs, bit-exact files of real images, errors, progressive decoding, the CLI."
+import numpy as np, pytest, torch
+from PIL import Image
+from tests.conftest import run_cli
+from wavenb.data import load_images
+from wavenb.flow import WaveletFlow, save_flow
+from wavenb.codec import (RansEncoder, RansDecoder, M, quantised_cdf, mixture_tables, compress, decompress, theoretical_bits,
+                          progressive, read_header, CodecError, HEADER)
+
+def small_flow(C=3, seed=0, std=0.05):
+    torch.manual_seed(seed)
+    m = WaveletFlow(C, lift_width=4, prior_width=8, prior_depth=1, K=3)
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(torch.randn_like(p) * std)   # nonzero lifting networks: rounding matters
+    return m.eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    "Small float64 convolutions run faster on one thread (and do not fight other processes for the cores)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(scope='module')
+def crops():
+    return load_images('sample', limit=6).images[:, :, 4:20, 6:22].contiguous()   # real images, 16x16
+
+@pytest.mark.parametrize('G,S,alphabet', [(1, 5000, 2), (5, 2000, 300), (16, 500, 60000)])
+def test_rans_round_trips_random_streams(G, S, alphabet):
+    rng = np.random.default_rng(G)
+    freqs = rng.integers(1, 1000, alphabet).astype(np.float64) ** 3
+    freqs = np.maximum(np.floor(freqs / freqs.sum() * (M - alphabet)).astype(np.int64), 0) + 1
+    freqs[0] += M - freqs.sum()
+    cum = np.concatenate([[0], np.cumsum(freqs)])
+    sym = rng.choice(alphabet, size=(S, G), p=freqs / M)
+    lens = rng.integers(S // 2, S + 1, G); lens[0] = S       # streams of different lengths
+    lens = np.sort(lens)[::-1]                                # the active streams are always a prefix
+    enc = RansEncoder(G)
+    for t in reversed(range(S)):
+        n = int((lens > t).sum()); enc.put(cum[sym[t, :n]], freqs[sym[t, :n]], n)
+    streams = enc.streams()
+    dec = RansDecoder(streams)
+    for t in range(S):
+        n = int((lens > t).sum())
+        s = np.searchsorted(cum, dec.slot(n), side='right') - 1
+        assert (s == sym[t, :n]).all(), t
+        dec.advance(cum[s], freqs[s], n)
+    bits = 32 * sum(map(len, streams)); info = -np.log2(freqs[np.concatenate([sym[:l, k] for k, l in enumerate(lens)])] / M).sum()
+    assert info <= bits <= info * 1.001 + 64 * G + 64
+
+def test_quantised_cdf_gives_every_value_a_frequency():
+    m = small_flow(1, std=0.5).double()
+    p = m.prior.band_params(0, 0, [torch.rand(2, 1, 4, 4, dtype=torch.float64) * 255], (4, 4))
+    tab = mixture_tables(p)
+    lo, hi = -700, 900
+    i = np.arange(lo, hi + 2)[:, None, None] + np.zeros((1,) + tab[0].shape[1:], np.int64)
+    c = quantised_cdf(i, tuple(t[:, None] for t in tab), lo, hi)
+    assert (c[0] == 0).all() and (c[-1] == M).all() and (np.diff(c, axis=0) >= 1).all()
+
+@pytest.mark.parametrize('C,mode,shape', [(3, 3, (16, 16)), (1, 1, (16, 16)), (3, 3, (13, 10)), (3, 1, (16, 16)), (1, 3, (9, 16))])
+def test_real_images_round_trip_bit_exactly(crops, C, mode, shape):
+    x = crops[:, :, :shape[0], :shape[1]].contiguous()
+    if mode == 1: x = x[:, 1:2].contiguous()
+    m = small_flow(C)
+    data = compress(m, x, streams=4)
+    back = decompress(m, data)
+    assert back.dtype == torch.uint8 and torch.equal(back, x)
+    if C == mode:   # the file is as long as the model says, plus the header and the final states
+        theo = theoretical_bits(m, x)
+        h = read_header(data)
+        payload = 8 * (len(data) - h['offset'])
+        assert theo * 0.999 <= payload <= theo * 1.01 + 64 * h['G'] + 64
+
+def test_bad_streams_raise_clear_errors(crops, tmp_path):
+    m = small_flow(3)
+    data = compress(m, crops[:2], streams=2)
+    with pytest.raises(CodecError, match='not a wavenb flow stream'): decompress(m, b'GIF89a' + bytes(64))
+    with pytest.raises(CodecError, match='not a wavenb flow stream'): decompress(m, b'')
+    for cut in (10, HEADER.size + 6, len(data) // 2, len(data) - 1):
+        with pytest.raises(CodecError, match='truncated'): decompress(m, data[:cut])
+    for pos in (HEADER.size + 12, len(data) // 2, len(data) - 3):
+        bad = bytearray(data); bad[pos] ^= 0x10
+        with pytest.raises(CodecError, match='corrupted'): decompress(m, bytes(bad))
+    with pytest.raises(CodecError, match='another model'): decompress(small_flow(3, seed=1), data)
+    with pytest.raises(ValueError, match='uint8'): compress(m, crops.float())
+
+def test_progressive_prefixes_decode_the_coarse_levels(crops):
+    m = small_flow(3)
+    one = compress(m, crops[:1], streams=1)
+    steps = progressive(m, one)
+    assert [s['level'] for s in steps] == [4, 3, 2, 1, 0] and torch.equal(steps[-1]['image'], crops[0])
+    assert all(a['bytes'] < b['bytes'] for a, b in zip(steps, steps[1:])) and steps[-1]['bytes'] == len(one)
+    k = 2
+    got = []
+    with pytest.raises(CodecError, match='truncated'):
+        decompress(m, one[:steps[k]['bytes']], progress=lambda l, LL, w: got.append(l), check=False)
+    assert got[:k + 1] == [4, 3, 2]
+
+def cli(capsys, *args):
+    "Run the wavenb command in this process (the console script is checked once with run_cli below)."
+    from wavenb.cli import main
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+def test_cli_compress_decompress_and_errors(tmp_path, crops, capsys):
+    model = save_flow(small_flow(3), tmp_path / 'model.pt')
+    rgb, grey = tmp_path / 'rgb.png', tmp_path / 'grey.png'
+    Image.fromarray(crops[0].permute(1, 2, 0).numpy()).save(rgb)
+    Image.fromarray(crops[1, 0, :, :13].numpy()).save(grey)
+    r = run_cli('compress', rgb, '-o', tmp_path / 'x.wnb', '--model', model)           # as a user runs it
+    assert r.returncode == 0, r.stderr
+    r = run_cli('decompress', tmp_path / 'x.wnb', '-o', tmp_path / 'back.png', '--model', model)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(rgb)), np.asarray(Image.open(tmp_path / 'back.png')))
+    assert cli(capsys, 'compress', grey, '-o', tmp_path / 'g.wnb', '--model', model)[0] == 0
+    assert cli(capsys, 'decompress', tmp_path / 'g.wnb', '-o', tmp_path / 'g.png', '--model', model)[0] == 0
+    a, b = Image.open(grey), Image.open(tmp_path / 'g.png')
+    assert a.mode == b.mode == 'L' and np.array_equal(np.asarray(a), np.asarray(b))
+    rc, err = cli(capsys, 'decompress', rgb, '-o', tmp_path / 'y.png', '--model', model)
+    assert rc == 2 and 'not a wavenb flow stream' in err
+    rc, err = cli(capsys, 'compress', rgb, '-o', tmp_path / 'z.wnb', '--model', tmp_path / 'none.pt')
+    assert rc == 2 and 'no flow model weights' in err
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / 'rgba.png')
+    rc, err = cli(capsys, 'compress', tmp_path / 'rgba.png', '-o', tmp_path / 'z.wnb', '--model', model)
+    assert rc == 2 and "mode 'RGBA'" in err
+
+def test_cli_train_flow_end_to_end(tmp_path, crops, capsys):
+    for i, im in enumerate(crops):        # a tiny ImageFolder of 16x16 PNGs
+        d = tmp_path / 'data' / f'c{i % 2}'; d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(d / f'{i}.png')
+    rc, err = cli(capsys, 'train', 'flow', '--data', tmp_path / 'data', '--test', tmp_path / 'data', '--steps', 2, '--batch-size', 2,
+                '--lift-width', 4, '--prior-width', 8, '--prior-depth', 1, '--warmup', 1, '--ckpt', tmp_path / 'ck',
+                '--out', tmp_path / 'res', '--code-images', 3, '--streams', 3, '--sr-images', 2, '--device', 'cpu')
+    assert rc == 0, err[-2000:]
+    import json
+    met = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert met['metrics']['bit_exact'] and met['steps'] == 2 and (tmp_path / 'ck' / 'model.pt').is_file()
+    for f in ('progressive.png', 'sr_x2.png', 'samples.png', 'filters.png'): assert (tmp_path / 'res' / f).is_file()
+    assert cli(capsys, 'compress', tmp_path / 'data' / 'c0' / '0.png', '-o', tmp_path / 'a.wnb', '--model', tmp_path / 'ck')[0] == 0

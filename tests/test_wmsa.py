@@ -1,0 +1,161 @@
+"wavenb.wmsa on the CPU: token counts, tokens = DWT coefficients, PE shapes, PSD kernel, K = 0 -> zero weight, overfitting, time budget, CLI."
+import json, math
+import numpy as np
+import pytest, torch
+import torch.nn.functional as F
+from wavenb.haar import wavedec2
+from wavenb.data import ImageSet, Collate, load_images, resize_uint8, to_float
+from wavenb.learner import Learner
+from wavenb.wmsa import (token_count, token_bands, WaveletTokenizer, ScaleAwarePE, sinusoidal_2d, WaveletKernel, log_kernel_mask,
+                         box_overlap, Attention, WaveletTransformer, ViT, SIZES, n_params, TimeBudgetCB, WarmupCosineCB, count_flops)
+
+@pytest.mark.parametrize('size,levels,over,pool,patch', [(32, 3, False, None, 1), (32, 3, True, 1, 1), (32, 2, True, None, 1),
+                                                         (16, 2, False, 2, 2), (32, 3, True, None, 2), (64, 4, True, 1, 1)])
+def test_token_count_formula(size, levels, over, pool, patch):
+    n = token_count(size, levels, over, pool, patch)
+    J = levels
+    closed = (3 * sum(size ** 2 // 4 ** j for j in range(1, J + 1)) + over * sum(size ** 2 // 4 ** j for j in range(1, J))) // patch ** 2 \
+        + (size ** 2 // 4 ** J // patch ** 2 if pool is None else pool ** 2)
+    assert n == closed
+    tk = WaveletTokenizer(size, levels, 'haar', over, pool, patch)
+    toks = tk(torch.randn(2, 3, size, size))
+    assert len(tk) == n == sum(t.shape[1] for t in toks)
+    assert [t.shape[-1] for t in toks] == tk.features
+    assert tk.level.shape == tk.orient.shape == (n,) and tk.pos.shape == (n, 2)
+
+def test_token_counts_of_the_two_sets():
+    assert token_count(32, 3) == 1024                                   # non-redundant: as many tokens as pixels
+    assert token_count(32, 3, overcomplete=True, ll_pool=1) == 1329    # the original: LL_1, LL_2 kept, LL_3 pooled to 1
+    with pytest.raises(ValueError, match='divisible'): token_bands(20, 3)
+    with pytest.raises(ValueError, match='patch'): token_bands(32, 3, patch=3)
+
+@pytest.mark.parametrize('wavelet', ['haar', 'db4'])
+def test_tokens_are_the_wavedec2_coefficients(wavelet):
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    toks, ref = WaveletTokenizer(32, 2, wavelet).double()(x), wavedec2(x, wavelet, 2)
+    flat = lambda c: c.flatten(2).transpose(1, 2)
+    assert torch.allclose(toks[0], flat(ref[0]) / 4)
+    for k, c in enumerate([*ref[1], *ref[2]]): assert torch.allclose(toks[1 + k], flat(c))
+    over = WaveletTokenizer(32, 2, wavelet, overcomplete=True).double()(x)
+    assert torch.allclose(over[4], flat(wavedec2(x, wavelet, 1)[0]) / 2)   # the extra LL_1 band
+
+def test_pe_shapes_and_common_frame():
+    tk = WaveletTokenizer(32, 3, overcomplete=True, ll_pool=1)
+    pe = ScaleAwarePE(tk.level, tk.orient, tk.pos, 48, 32)
+    assert pe().shape == (1329, 48) and pe.scale.weight.shape == (3, 48) and pe.orientation.weight.shape == (4, 48)
+    # the same pixel point at two scales has the same spatial code
+    a = ((tk.level == 3) & (tk.orient == 1) & (tk.pos == torch.tensor([12., 4.])).all(-1)).nonzero()[0, 0]
+    assert torch.equal(pe.spatial[a], sinusoidal_2d(torch.tensor([[12., 4.]]), 48, 32)[0])
+    with pytest.raises(ValueError, match='divisible by 4'): sinusoidal_2d(tk.pos, 30, 32)
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_kernel_is_psd_on_random_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    tk = WaveletTokenizer(16, 2 + seed % 2, overcomplete=bool(seed % 2), patch=1 + (seed == 2))
+    kern = WaveletKernel(3)
+    with torch.no_grad():
+        kern.theta.copy_(torch.randn(kern.theta.shape, generator=g) * 2); kern.log_length.copy_(torch.randn(3, generator=g))
+    radius = float(torch.empty(()).uniform_(1, 4, generator=g))
+    K = kern(tk.level, tk.orient, log_kernel_mask(tk.pos, tk.stride, radius)).exp().double().detach()
+    for k in K: assert np.linalg.eigvalsh(k.numpy()).min() >= -1e-6
+    assert torch.allclose(K.diagonal(dim1=-2, dim2=-1), torch.ones(3, len(tk), dtype=torch.float64), atol=1e-5)
+    assert (K == 0).any() and torch.allclose(K, K.mT)
+    # random point sets too (not just the token grid): the window-overlap kernel is a Gram matrix
+    pos, stride = torch.rand(60, 2, generator=g) * 32, 2.0 ** torch.randint(1, 4, (60,), generator=g).float()
+    assert np.linalg.eigvalsh(box_overlap(pos, stride, radius).double().numpy()).min() >= -1e-6
+
+def test_zero_kernel_pairs_get_zero_attention_weight():
+    torch.manual_seed(0)
+    tk = WaveletTokenizer(16, 2)
+    ls = log_kernel_mask(tk.pos, tk.stride, 2.0)
+    assert (ls.isinf().sum(1) < len(tk)).all() and (ls.diagonal() == 0).all()        # no row is fully masked
+    bias = WaveletKernel(2)(tk.level, tk.orient, ls).detach()
+    att = Attention(16, 2).requires_grad_(False)
+    x = torch.randn(2, len(tk), 16)
+    w = att.weights(x, bias)
+    assert (w[:, :, ls.isinf()] == 0).all()
+    q, k, v = att._qkv(x)
+    qi, ki = ls.isinf().nonzero()[5].tolist()
+    v2 = v.clone(); v2[:, :, ki] = 1e3
+    out, out2 = (F.scaled_dot_product_attention(q, k, vv, attn_mask=bias) for vv in (v, v2))
+    assert torch.equal(out[:, :, qi], out2[:, :, qi])                                 # the masked key cannot influence the query
+    assert torch.allclose(out, w @ v, atol=1e-5)
+
+def test_kernel_gradients_are_finite():
+    m = WaveletTransformer(size=8, levels=2, dim=16, depth=1, heads=2, radius=1.0)
+    assert m.log_spatial.isinf().any()
+    m(torch.randn(3, 3, 8, 8)).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.kernels[0].theta.grad.abs().sum() > 0
+
+def test_model_overfits_a_tiny_batch():
+    s = load_images()
+    ds = ImageSet(resize_uint8(s.images[::125][:16], 8), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0)), s.classes, 'tiny')
+    torch.manual_seed(0)
+    m = WaveletTransformer(size=8, levels=2, dim=32, depth=2, heads=2)
+    m.tok.fit_scales(to_float(resize_uint8(s.images[:500], 8), 'symmetric'))
+    L = Learner(m, ds, F.cross_entropy, batch_size=16, lr=1e-2, collate=Collate('symmetric'), weight_decay=0.0)
+    L.fit(80)
+    assert L.history['loss'][0] > 2.0 and L.history['loss'][-1] < 0.25
+
+def test_sizes_params_and_flops():
+    for name, cfg in SIZES.items():
+        w, v = n_params(WaveletTransformer(**cfg)), n_params(ViT(**cfg))
+        assert abs(w - v) / v < 0.02
+    d, N = 96, 1024
+    f = count_flops(WaveletTransformer(**SIZES['tiny']), (3, 32, 32))
+    assert abs(f - 4 * (24 * N * d * d + 4 * N * N * d)) / f < 0.02
+
+def test_time_budget_sets_steps_and_schedule(monkeypatch):
+    "A fake clock that advances 10 ms per reading: 5 probe steps take 2 ms each, so 0.9 * (1 s - 20 ms) / 2 ms = 441 more steps."
+    import types, wavenb.wmsa as W
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(W, 'time', types.SimpleNamespace(time=lambda: next(clock) * 0.01))
+    ds = load_images(limit=256)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    chosen = []
+    L = Learner(m, ds, F.cross_entropy, batch_size=8, collate=Collate('symmetric'),
+                cbs=[WarmupCosineCB(0.1), TimeBudgetCB(1.0, skip=2, probe=5, on_decide=chosen.append)])
+    L.fit(10 ** 6)
+    assert chosen == [7 + 441] and L.step == 448
+    lr = L.history['lr']
+    assert lr[-1] < 1e-3 * max(lr) and max(lr) == pytest.approx(1e-3, rel=0.02)   # warmup and cosine follow the decided length
+
+def test_cli_train_resume_eval(tmp_path, capsys):
+    from wavenb.cli import main
+    from wavenb.data import pack_subset, sample_path
+    small = pack_subset(sample_path(), tmp_path / 'small.npz', per_class=20)       # 200 images: quick on 2 shared cores
+    args = ['train', 'wmsa', '--data', str(small), '--resize', '16', '--levels', '2', '--dim', '16', '--depth', '1', '--heads', '2',
+            '--batch-size', '16', '--valid-size', '50', '--eval-every', '4', '--ckpt', str(tmp_path / 'ck'), '--out', str(tmp_path / 'res'),
+            '--test', str(small)]
+    assert main(args + ['--steps', '4']) == 0
+    assert main(args + ['--steps', '6']) == 0 and 'resumed from' in capsys.readouterr().out   # extends the same run
+    m = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert m['steps'] == 6 and m['config']['kind'] == 'wmsa' and m['metrics']['tokens'] == 256 and 0 <= m['metrics']['test_acc'] <= 1
+    assert m['metrics']['test_data']['images'] == 200 and m['metrics']['flops_per_image'] > 0 and (tmp_path / 'res' / 'attention.png').is_file()
+    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'ck'), '--data', str(small), '--device', 'cpu']) == 2   # 32x32 data, 16x16 model
+    assert 'the model takes' in capsys.readouterr().err
+    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'ck'), '--data', str(small), '--resize', '16', '--device', 'cpu']) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r['images'] == 200 and r['kind'] == 'wmsa' and r['acc'] == pytest.approx(m['metrics']['test_acc'], abs=0.011)
+    assert main(['eval', 'vit', '--ckpt', str(tmp_path / 'ck'), '--data', str(small)]) == 2
+    assert 'wavenb eval wmsa' in capsys.readouterr().err
+    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'nothing'), '--data', str(small)]) == 2
+    assert 'config.json' in capsys.readouterr().err
+    assert main(args + ['--steps', '6', '--radius', '2']) == 2 and 'another configuration' in capsys.readouterr().err
+    assert main(['train', 'vit', '--data', str(small), '--resize', '16', '--vit-patch', '4', '--dim', '16', '--depth', '1', '--heads', '2',
+                 '--batch-size', '16', '--valid-size', '50', '--steps', '3', '--ckpt', str(tmp_path / 'v'), '--out', str(tmp_path / 'vres')]) == 0
+    v = json.loads((tmp_path / 'vres' / 'metrics.json').read_text())
+    assert v['config']['kind'] == 'vit' and v['metrics']['tokens'] == 16 and abs(v['parameters'] - m['parameters']) / m['parameters'] < 0.2
+
+def test_augmentation_and_mixing():
+    from wavenb.wmsa import AugCollate, MixCB, _ce
+    s = load_images(limit=8)
+    x, y = AugCollate('randaug')(list(zip(s.images, s.labels)))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
+    with pytest.raises(ValueError, match='policy'): AugCollate('autoaugment')
+    cb = MixCB(10, p=1.0); cb.learn = type('L', (), {})(); cb.learn.batch = (x, y)
+    cb.before_batch()
+    xm, ym = cb.learn.batch
+    assert xm.shape == x.shape and ym.shape == (8, 10) and torch.allclose(ym.sum(1), torch.ones(8))
+    assert torch.isfinite(_ce(0.1)(torch.randn(8, 10), ym)) and torch.isfinite(_ce(0.1)(torch.randn(8, 10), y))

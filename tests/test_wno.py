@@ -1,0 +1,143 @@
+"wavenb.wno on the CPU: the Haar operator layer, the weight-tied recursion, losses, training = sampling path, CLI."
+import copy, json, sys
+import pytest, torch
+import torch.nn.functional as F
+from wavenb.data import load_images, to_float
+from wavenb.haar import dwt2_stacked
+from wavenb.wno import (HaarOperatorLayer, WNO, WNOLoss, WNOLearner, Perceptual, PatchDiscriminator, PatchGANCB, pyramid, grow,
+                        generate, gradient_l1, saved_bytes, evaluate_sr, train_wno, load_wno)
+from conftest import ROOT, SHARED
+
+def _model(**kw):
+    torch.manual_seed(0)
+    m = WNO(**dict(dict(width=16, depth=2, size=32), **kw))
+    for p in m.proj[-1].parameters(): torch.nn.init.normal_(p, std=0.1)   # not the zero init: the residual must matter
+    return m
+
+def test_shapes_at_every_scale():
+    m = _model(size=64)
+    outs = generate(m, 3, generator=torch.Generator().manual_seed(0), all_scales=True)
+    assert [tuple(o.shape) for o in outs] == [(3, 3, s, s) for s in (4, 8, 16, 32, 64)]
+    assert all(o.min() >= 0 and o.max() <= 1 for o in outs)
+    outs = generate(m, canvas=torch.rand(2, 3, 8, 8), all_scales=True)   # super-resolution from 8x8 starts at the second transition
+    assert [o.shape[-1] for o in outs] == [8, 16, 32, 64]
+    with pytest.raises(ValueError, match='not one of the scales'): m(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match='canvas must be'): m(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match='size0'): pyramid(torch.rand(1, 3, 48, 48))
+    with pytest.raises(ValueError, match='sigmas'): WNO(size=64, sigmas=[0.1, 0.1])
+
+def test_weight_tying_one_parameter_set():
+    a, b = _model(size=32), _model(size=256)
+    assert [(n, p.shape) for n, p in a.named_parameters()] == [(n, p.shape) for n, p in b.named_parameters()]
+    m, x = _model(size=32), torch.rand(2, 3, 4, 4)
+    ids = {id(p) for p in m.parameters()}
+    for out in grow(m, x, 32):   # every scale's loss puts a gradient into the same tensors, all of them
+        m.zero_grad(); out.mean().backward()
+        assert {id(p) for p in m.parameters() if p.grad is not None and p.grad.abs().sum() > 0} == ids
+
+def test_dwt_idwt_inside_the_layer_is_invertible():
+    lay = HaarOperatorLayer(4).double()
+    with torch.no_grad():
+        lay.low.weight.copy_(torch.eye(4)[..., None, None]); lay.low.bias.zero_()
+        lay.high.weight.copy_(torch.eye(12)[..., None, None]); lay.high.bias.zero_()
+    v = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    assert (lay.spectral(v) - v).abs().max() < 1e-12
+    assert (pyramid(v)[-2] - dwt2_stacked(v)[:, :, 0] / 2).abs().max() < 1e-12   # targets: average pooling = Haar LL / 2
+
+def test_pure_haar_layer_is_block_local():
+    torch.manual_seed(0)
+    for local, expect_local in ((0, True), (3, False)):
+        stack = torch.nn.Sequential(*[HaarOperatorLayer(8, local) for _ in range(3)]).double()
+        for l in stack: l.norm = torch.nn.Identity()
+        v = torch.randn(1, 8, 8, 8, dtype=torch.float64); w = v.clone(); w[0, :, 2, 3] += 1
+        changed = ((stack(w) - stack(v)).abs().amax(1)[0] > 1e-12).nonzero().tolist()
+        assert (changed == [[2, 2], [2, 3], [3, 2], [3, 3]]) == expect_local
+
+def test_loss_terms_finite_and_differentiable():
+    crit = WNOLoss(lambda_v=0.1, perceptual=Perceptual('random'))
+    d = PatchDiscriminator(width=8)
+    for s in (8, 32):
+        pred, tgt = torch.rand(2, 3, s, s, requires_grad=True), torch.rand(2, 3, s, s)
+        loss, parts = crit(pred, tgt)
+        assert set(parts) == {'l1', 'grad', 'ssim', 'perc'} and all(torch.isfinite(v) and v > 0 for v in parts.values())
+        for term in (F.l1_loss(pred, tgt), gradient_l1(pred, tgt), crit.perceptual(pred, tgt), loss) + ((-d(pred).mean(),) if s >= 16 else ()):
+            g, = torch.autograd.grad(term, pred)
+            assert torch.isfinite(g).all() and g.abs().sum() > 0
+        assert crit(tgt, tgt)[0].abs() < 1e-5
+    with pytest.raises(ValueError, match='perceptual'): WNOLoss(lambda_v=0.1)
+    with pytest.raises(ValueError, match="'inception' or 'random'"): Perceptual('vgg')
+    with pytest.raises(FileNotFoundError, match='not found'): Perceptual('inception', '/nonexistent/fid.pt')
+
+@pytest.mark.skipif(not (SHARED / 'models' / 'fid-inception-fp16.pt').is_file(), reason='FID Inception weights not present')
+def test_inception_perceptual_features():
+    p = Perceptual('inception', SHARED / 'models' / 'fid-inception-fp16.pt')
+    assert 'Inception' in p.name and not any(q.requires_grad for q in p.parameters())
+    pred = torch.rand(2, 3, 16, 16, requires_grad=True)
+    assert [f.shape[1] for f in p.features(pred)] == [64, 192]
+    p(pred, torch.rand(2, 3, 16, 16)).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+
+def test_sampling_is_deterministic_given_a_seed():
+    m = _model().fit_prior(torch.rand(64, 3, 32, 32))
+    a = generate(m, 4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, generate(m, 4, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, generate(m, 4, generator=torch.Generator().manual_seed(4)))
+    c = torch.rand(2, 3, 4, 4)
+    assert torch.equal(generate(m, canvas=c, generator=torch.Generator().manual_seed(0)), generate(m, canvas=c, generator=torch.Generator().manual_seed(0)))
+
+def test_prior_matches_the_data_statistics():
+    x = torch.rand(4000, 3, 16, 16) * 0.5 + torch.linspace(0, 0.5, 16)   # a horizontal ramp
+    m = WNO(width=8, depth=1, size=16).fit_prior(x)
+    z = m.sample_prior(4000, torch.Generator().manual_seed(0))
+    assert (z.mean(0) - pyramid(x)[0].mean(0)).abs().max() < 0.02
+
+def test_cpu_steps_reduce_the_loss_and_train_path_is_sample_path():
+    ds = load_images(size=16)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    train, xv = ds.subset(perm[:256].tolist()), to_float(ds.images[perm[-64:]])
+    crit = WNOLoss(lambda_v=0.1, perceptual=Perceptual('random'))
+    def held_out(m):
+        torch.manual_seed(0); p = pyramid(xv)
+        with torch.no_grad(): return sum(crit(o, t, r)[0].item() for r, (o, t) in enumerate(zip(grow(m, p[0], 16), p[1:])))
+    torch.manual_seed(0)
+    gen = WNO(width=32, depth=2, size=16).fit_prior(to_float(train.images))
+    before = held_out(gen)
+    learn = WNOLearner(gen, train, crit, batch_size=32, lr=2e-3, device='cpu')
+    learn.fit(40)
+    assert held_out(gen) < 0.95 * before
+    learn.fit(42, cbs=[PatchGANCB(PatchDiscriminator(width=8), weight=0.05)])   # two steps with the GAN
+    assert len(learn.history['d_loss']) == 2 and len(learn.history['adv_16']) == 2 and {'l1_8', 'perc_16', 'ssim_8'} <= set(learn.history)
+    # one training step's canvases == the sampling path's canvases from the same 4x4, weights and seed
+    snap, x = copy.deepcopy(learn.raw_model), to_float(train.images[:8])
+    learn.batch = (x, torch.zeros(8))
+    torch.manual_seed(7); learn.train_step()
+    torch.manual_seed(7); path = generate(snap, canvas=pyramid(x)[0], all_scales=True)[1:]
+    assert len(learn.outs) == 2 and all(torch.equal(a, b) for a, b in zip(learn.outs, path))
+    assert not torch.equal(learn.outs[-1], generate(snap, canvas=pyramid(x)[0]))   # (the noise is real: another draw differs)
+    r = evaluate_sr(snap, ds.images[perm[-16:]], (4, 8))
+    assert all(r[f'sr{s}_{k}_psnr'] > 5 for s in (4, 8) for k in ('model', 'bicubic')) and r['sr_images'] == 16
+
+def test_memory_counts_scale_as_area_and_keep_all_is_at_most_four_thirds():
+    per = saved_bytes(WNO(width=16, depth=2, size=64), 2, 64)
+    assert len(per) == 4 and abs(per[-1] / per[-2] - 4) < 0.2 and 1 < sum(per) / max(per) < 4 / 3
+
+def test_train_wno_end_to_end_resume_and_cli(tmp_path):
+    import subprocess
+    kw = dict(data='sample', size=16, batch_size=16, width=8, depth=1, disc_width=8, warmup=2, ckpt=tmp_path / 'ck', out=tmp_path / 'res',
+              sr_images=32, ckpt_every=3)
+    m = train_wno(steps=4, **kw)
+    assert {'sr4_model_psnr', 'sr8_bicubic_ssim', 'epochs'} <= set(m) and 'fid' not in m
+    info = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert info['steps'] == 4 and 'random conv' in info['losses']['perceptual'] and 'held-out' in info['test_dataset']['split']
+    m2 = train_wno(steps=6, **kw)   # resumes at step 4 (generator, EMA, discriminator and its optimiser)
+    assert json.loads((tmp_path / 'res' / 'metrics.json').read_text())['steps'] == 6
+    with pytest.raises(ValueError, match='another configuration'): train_wno(steps=7, **dict(kw, width=16))
+    model, cfg = load_wno(tmp_path / 'ck')
+    assert cfg['size'] == 16 and model.width == 8
+    run = lambda *a: subprocess.run([sys.executable, '-m', 'wavenb.cli', *map(str, a)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = run('sample', 'wno', '--ckpt', tmp_path / 'ck', '--n', 8, '--out', tmp_path / 'g.png', '--scales', tmp_path / 's.png', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / 'g.png').is_file() and (tmp_path / 's.png').is_file()
+    with pytest.raises(FileNotFoundError, match='config.json'): load_wno(tmp_path / 'nothing')
+    r = run('train', 'wno', '--size', '48', '--steps', '1', '--ckpt', tmp_path / 'c2', '--out', tmp_path / 'o2')
+    assert r.returncode == 2 and 'size must be 4 * 2^k' in r.stderr
