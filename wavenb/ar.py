@@ -317,7 +317,7 @@ def add_cli(cmds: dict):
     s.add_argument('--lr', type=float, default=5e-4); s.add_argument('--warmup', type=int, default=200)
     s.add_argument('--ema', type=float, default=0.999)
     s.add_argument('--no-flip', action='store_true', help='do not add the codes of mirrored training images')
-    s.add_argument('--max-minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (results are still written)')
+    s.add_argument('--minutes', '--max-minutes', dest='max_minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (results are still written)')
     s.add_argument('--ckpt', default='runs/ar', help='checkpoint folder (re-running resumes from it)')
     s.add_argument('--ckpt-every', type=int, default=1000)
     s.add_argument('--out', default='figures/ar', help='results folder')

@@ -445,7 +445,7 @@ def add_cli(cmds: dict):
     s = cmds['train'].add_parser('flow', help='integer wavelet flow for lossless compression', description='Train the neural wavelet flow '
                                  '(writes CKPT/model.pt for wavenb compress, OUT/metrics.json with bits/dim, coded size, PNG/WebP, figures).')
     s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
-    s.add_argument('--split'); s.add_argument('--test', help='test source[:split] (default: 10%% of --data held out)')
+    s.add_argument('--split'); s.add_argument('--test-data', '--test', dest='test', help='test source[:split] (default: 10%% of --data held out)')
     s.add_argument('--steps', type=int, default=1000); s.add_argument('--batch-size', type=int, default=64)
     s.add_argument('--lr', type=float, default=1e-3); s.add_argument('--warmup', type=int, default=200)
     s.add_argument('--ema', type=float, default=0.999)

@@ -350,7 +350,7 @@ def add_cli(cmds: dict):
     s.add_argument('--weighting', choices=WEIGHTINGS, default='pixel')
     s.add_argument('--steps', type=int, default=2000); s.add_argument('--batch-size', type=int, default=128)
     s.add_argument('--lr', type=float, default=4e-4); s.add_argument('--warmup', type=int, default=100)
-    s.add_argument('--max-minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (results are still written)')
+    s.add_argument('--minutes', '--max-minutes', dest='max_minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (results are still written)')
     s.add_argument('--ckpt', default='runs/vqvae', help='checkpoint folder (re-running resumes from it)')
     s.add_argument('--ckpt-every', type=int, default=1000)
     s.add_argument('--out', default='figures/vqvae', help='results folder')

@@ -528,7 +528,7 @@ def add_cli(cmds: dict):
                                      'exactly; writes OUT/metrics.json with validation and, with --test, test accuracy).')
         s.set_defaults(fn=_train_cli, kind=kind)
         s.add_argument('--data', default='sample', help='training data source[:split] (a validation split is carved from it)')
-        s.add_argument('--split'); s.add_argument('--test', help='test data source[:split], evaluated once at the end')
+        s.add_argument('--split'); s.add_argument('--test-data', '--test', dest='test', help='test data source[:split], evaluated once at the end')
         s.add_argument('--resize', type=int, help='resize images to SIZE x SIZE (small CPU checks)')
         s.add_argument('--size', choices=list(SIZES), default='tiny', help='model size: ' + ', '.join(f'{k} {v}' for k, v in SIZES.items()))
         s.add_argument('--dim', type=int); s.add_argument('--depth', type=int); s.add_argument('--heads', type=int)

@@ -467,7 +467,7 @@ def add_cli(cmds: dict):
     s.add_argument('--width', type=int, default=64); s.add_argument('--depth', type=int, default=4)
     s.add_argument('--local', type=int, default=3, help='kernel of the depthwise local path (0: the pure Haar layer)')
     s.add_argument('--sigma', type=float, default=0.1, help='std of the per-level noise')
-    s.add_argument('--steps', type=int, default=1000); s.add_argument('--max-minutes', type=float, help='stop training after this wall time')
+    s.add_argument('--steps', type=int, default=1000); s.add_argument('--minutes', '--max-minutes', dest='max_minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there')
     s.add_argument('--batch-size', type=int, default=64); s.add_argument('--lr', type=float, default=1e-3)
     s.add_argument('--warmup', type=int, default=100); s.add_argument('--ema', type=float, default=0.999)
     s.add_argument('--lambda-v', type=float, default=0.1, help='perceptual weight (0: none)')
