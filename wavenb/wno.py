@@ -400,8 +400,8 @@ def train_wno(data: str = 'sample', split: str | None = None, size: int | None =
             r = fk.compute()
             res.update(fid=r['fid'], kid=r['kid'], kid_std=r['kid_std'], fid_samples=r['n_fake'], fid_reference=r['reference'],
                        fid_reference_images=r['n_real'], fid_feature_net=r['feature_net'], fid_eval_s=round(time.perf_counter() - t0, 1))
-        if memory and L.device.type == 'cuda':
-            res['memory'] = memory_profile(device=L.device, plot=out / 'memory.png')
+        if memory: res['memory'] = (memory_profile(device=L.device, plot=out / 'memory.png') if L.device.type == 'cuda'
+                                    else 'not measured: --memory needs a CUDA device (max_memory_allocated)')
         return res
 
     gan = PatchGANCB(PatchDiscriminator(C, disc_width), lambda_adv) if lambda_adv else None
