@@ -137,14 +137,16 @@ def test_fid_curve_survives_resume(tmp_path):
 def test_time_budget_band_scaling_and_matched_ukan(tmp_path):
     from wavenb.diffusion import train_diffusion
     m = train_diffusion('sample', steps=10_000, batch_size=8, width=16, blocks=1, ckpt=tmp_path / 'ck', out=tmp_path / 'res', warmup=2,
-                        sample_steps=2, minutes=0.05, band_scaling=False, backbone='ukan', match_unet=True, device='cpu')
+                        sample_steps=2, minutes=0.05, band_scaling=False, backbone='ukan', match_unet=True, device='cpu', mix_levels=(1, 2))
     import json
     r = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
     assert r['steps'] < 10_000 and r['train_time_s'] >= 3.0 and r['time_budget_min'] == 0.05
     assert r['config']['scales'] == [1.0] * 12 and r['config']['band_scaling'] is False
     from wavenb.unet import UNet, n_params
-    unet = n_params(UNet(12, 16, (1, 2, 2), 1, (2,), 'unet'))
+    assert r['config']['mix_levels'] == [1, 2]
+    unet = n_params(UNet(12, 16, (1, 2, 2), 1, (1, 2), 'unet'))
     assert r['config']['width'] < 16 and abs(r['parameters'] - unet) / unet < 0.1
+    with pytest.raises(ValueError, match='mix_levels'): train_diffusion('sample', steps=1, ckpt=tmp_path / 'ck3', out=tmp_path / 'res3', mix_levels=(3,))
     with pytest.raises(FileNotFoundError, match='FID network not found'):
         train_diffusion('sample', steps=1, ckpt=tmp_path / 'ck2', out=tmp_path / 'res2', eval_samples=10, fid_weights=tmp_path / 'missing.pt')
 

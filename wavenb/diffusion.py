@@ -208,7 +208,8 @@ def build_diffusion(cfg: dict):
     if cfg.get('scales') is not None: space.scales.copy_(torch.tensor(cfg['scales']))
     zc = space.latent_shape((1, C, H, W))[1]
     mults = tuple(cfg['mults'])
-    model = UNet(zc, cfg['width'], mults, cfg['blocks'], mix_levels=(len(mults) - 1,), backbone=cfg['backbone'])
+    mix = tuple(cfg.get('mix_levels') or (len(mults) - 1,))   # attention (or KAN) levels; default: the coarsest
+    model = UNet(zc, cfg['width'], mults, cfg['blocks'], mix_levels=mix, backbone=cfg['backbone'])
     return space, Schedule(cfg['T'], cfg['schedule']), model
 
 def train_diffusion(data: str = 'sample', split: str | None = None, size: int | None = None, space: str = 'wavelet',
@@ -218,11 +219,12 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
                     ckpt_every: int = 1000, out='figures/diffusion', sample_every: int | None = None, eval_samples: int = 0,
                     sample_steps: int = 50, fid_weights=None, device=None, seed: int = 0, compile: bool = False,
                     minutes: float | None = None, fid_every: int | None = None, fid_curve_samples: int = 2000,
-                    band_scaling: bool = True, match_unet: bool = False) -> dict:
+                    band_scaling: bool = True, match_unet: bool = False, mix_levels=None) -> dict:
     """Train a pixel- or wavelet-space diffusion model and write samples, checkpoints and `out/metrics.json`.
     `minutes`: training-time budget (cosine LR over it, `steps` only a cap); `fid_every`: an FID curve point every N steps
     (`fid_curve_samples` samples); `band_scaling=False`: wavelet bands left unscaled (ablation); `match_unet`: for
-    `backbone='ukan'`, pick the width whose parameter count matches the UNet at `width`."""
+    `backbone='ukan'`, pick the width whose parameter count matches the UNet at `width`; `mix_levels`: the levels with
+    attention / KAN blocks (0 = full resolution; default: the coarsest only)."""
     from wavenb.data import load_images, Collate, to_float
     from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, TimeLimitCB
     from wavenb.metrics import FIDKID, InceptionFeatures, save_grid
@@ -233,10 +235,12 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
     ckpt, out = Path(ckpt), Path(out)
     cfg_file = ckpt / 'config.json'
     zc = (PixelSpace() if space == 'pixel' else WaveletSpace(ds.shape[0], levels, wavelet)).latent_shape((1, *ds.shape))[1]
-    mix = (len(mults) - 1,)
+    mix = tuple(mix_levels) if mix_levels else (len(mults) - 1,)
+    if any(not 0 <= l < len(mults) for l in mix): raise ValueError(f'mix_levels {mix} must be levels 0..{len(mults) - 1} of mults {tuple(mults)}')
     if match_unet and backbone == 'ukan': width = match_width(n_params(UNet(zc, width, mults, blocks, mix, 'unet')), zc, mults, blocks, mix, 'ukan')
     cfg = dict(shape=list(ds.shape), space=space, levels=levels, wavelet=wavelet, backbone=backbone, width=width, mults=list(mults),
-               blocks=blocks, T=T, schedule=schedule, pred=pred, data=ds.name, data_sha256=ds.checksum, band_scaling=band_scaling)
+               blocks=blocks, T=T, schedule=schedule, pred=pred, data=ds.name, data_sha256=ds.checksum, band_scaling=band_scaling,
+               mix_levels=list(mix))
     if cfg_file.is_file():  # resuming: the folder's configuration must be this one
         old = json.loads(cfg_file.read_text())
         diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
@@ -437,7 +441,7 @@ def _train_cli(a):
     m = train_diffusion(src, a.split or split, a.size, a.space, a.levels, a.wavelet, a.backbone, a.width, tuple(a.mults), a.blocks,
                         a.T, a.schedule, a.pred, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.ckpt, a.ckpt_every, a.out,
                         a.sample_every, a.eval_samples, a.sample_steps, a.fid_weights, a.device, a.seed, a.compile,
-                        a.minutes, a.fid_every, a.fid_curve_samples, not a.no_band_scaling, a.match_unet)
+                        a.minutes, a.fid_every, a.fid_curve_samples, not a.no_band_scaling, a.match_unet, a.mix_levels)
     print(json.dumps(m, indent=2))
     return 0
 
@@ -485,6 +489,7 @@ def add_cli(cmds: dict):
     s.add_argument('--backbone', choices=['unet', 'ukan'], default='unet')
     s.add_argument('--width', type=int, default=64); s.add_argument('--mults', type=int, nargs='+', default=[1, 2, 2])
     s.add_argument('--blocks', type=int, default=2)
+    s.add_argument('--mix-levels', type=int, nargs='+', help='levels with attention (unet) or KAN blocks (ukan); 0 = full resolution (default: the coarsest)')
     s.add_argument('--T', type=int, default=1000); s.add_argument('--schedule', choices=['linear', 'cosine'], default='cosine')
     s.add_argument('--pred', choices=['eps', 'x0', 'v'], default='v')
     s.add_argument('--steps', type=int, default=1000); s.add_argument('--batch-size', type=int, default=128)
