@@ -250,18 +250,11 @@ def train_ar(vqvae='runs/vqvae', data: str = 'sample', split: str | None = None,
 
 def load_ar(ckpt, device='cpu') -> tuple[CodePrior, dict]:
     "Rebuild (prior with EMA weights, in eval mode; config) from a `train_ar` checkpoint folder."
-    from wavenb.learner import CheckpointCB, load_checkpoint, load_weights, CheckpointError
-    ckpt = Path(ckpt)
-    if not (ckpt / 'config.json').is_file(): raise FileNotFoundError(f'no config.json in {ckpt}: not a train_ar checkpoint folder')
-    cfg = json.loads((ckpt / 'config.json').read_text())
+    from wavenb.learner import load_run, ema_state, load_weights
+    cfg, ck, path = load_run(ckpt, 'train_ar')
     if 'shapes' not in cfg or 'layers' not in cfg: raise ValueError(f'{ckpt}/config.json is not a train_ar configuration')
-    files = CheckpointCB(ckpt).files()
-    if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
-    ck = load_checkpoint(files[-1])
-    ema = ck['callbacks'].get('EMACB')
-    if ema is None: raise CheckpointError(f'{files[-1]} has no EMA weights')
     prior = build_prior(cfg)
-    load_weights(prior, {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}, files[-1], 'EMA prior')
+    load_weights(prior, ema_state(ck, path), path, 'EMA prior')
     return prior.to(device).eval(), cfg
 
 def sample_ar(ckpt, n: int = 64, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -294,17 +294,10 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
 
 def load_diffusion(ckpt, device='cpu'):
     "Rebuild (space, schedule, EMA model, config) from a `train_diffusion` checkpoint folder."
-    from wavenb.learner import CheckpointCB, load_checkpoint, load_weights, CheckpointError
-    ckpt = Path(ckpt)
-    if not (ckpt / 'config.json').is_file(): raise FileNotFoundError(f'no config.json in {ckpt}: not a train_diffusion checkpoint folder')
-    cfg = json.loads((ckpt / 'config.json').read_text())
-    files = CheckpointCB(ckpt).files()
-    if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
-    ck = load_checkpoint(files[-1])
+    from wavenb.learner import load_run, ema_state, load_weights
+    cfg, ck, path = load_run(ckpt, 'train_diffusion')
     space, sched, model = build_diffusion(cfg)
-    ema = ck['callbacks'].get('EMACB')
-    if ema is None: raise CheckpointError(f'{files[-1]} has no EMA weights')
-    load_weights(model, {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}, files[-1], 'EMA model')
+    load_weights(model, ema_state(ck, path), path, 'EMA model')
     return space.to(device), sched.to(device), model.to(device).eval(), cfg
 
 def sample_diffusion(ckpt, n: int = 64, sampler: str = 'ddim', steps: int = 50, eta: float = 0.0, out=None,

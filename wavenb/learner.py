@@ -20,7 +20,7 @@ from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'dist_env', 'init_distributed',
            'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner', 'ProgressCB', 'warmup_cosine',
            'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError',
-           'load_checkpoint', 'load_weights', 'CheckpointCB', 'ResultsCB']
+           'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'ema_state', 'ResultsCB']
 
 # %% ../nbs/02_learner.ipynb #2426ad87
 class ResumableSampler(Sampler[int]):
@@ -429,6 +429,24 @@ class CheckpointCB(Callback):
         if self.learn.step % self.every == 0: self.save()
     def after_fit(self):
         if not self.files() or self.step_of(self.files()[-1]) != self.learn.step: self.save()
+
+# %% ../nbs/02_learner.ipynb #10ec5beb
+def load_run(ckpt, what: str = 'training run') -> tuple[dict, dict, Path]:
+    "`(config, newest checkpoint, its path)` of a run folder; the errors name what is missing."
+    import json
+    ckpt = Path(ckpt)
+    if not (ckpt / 'config.json').is_file(): raise FileNotFoundError(f'no config.json in {ckpt}: not a {what} checkpoint folder')
+    files = CheckpointCB(ckpt).files()
+    if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
+    return json.loads((ckpt / 'config.json').read_text()), load_checkpoint(files[-1]), files[-1]
+
+def ema_state(ck: dict, path='checkpoint', required: bool = True) -> dict | None:
+    "The EMA model's weights in checkpoint `ck` (without `AveragedModel`'s `module.` prefix); None or an error if it has none."
+    ema = ck['callbacks'].get('EMACB')
+    if ema is None:
+        if required: raise CheckpointError(f'{path} has no EMA weights')
+        return None
+    return {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}
 
 # %% ../nbs/02_learner.ipynb #6509a758
 class ResultsCB(Callback):

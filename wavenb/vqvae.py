@@ -309,15 +309,11 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
 
 def load_vqvae(ckpt, device='cpu') -> tuple[BandVQVAE, dict]:
     "Rebuild (model in eval mode, config) from a `train_vqvae` checkpoint folder (its newest checkpoint)."
-    from wavenb.learner import CheckpointCB, load_checkpoint, load_weights
-    ckpt = Path(ckpt)
-    if not (ckpt / 'config.json').is_file(): raise FileNotFoundError(f'no config.json in {ckpt}: not a train_vqvae checkpoint folder')
-    cfg = json.loads((ckpt / 'config.json').read_text())
+    from wavenb.learner import load_run, load_weights
+    cfg, ck, path = load_run(ckpt, 'train_vqvae')
     if 'K' not in cfg or 'weighting' not in cfg: raise ValueError(f'{ckpt}/config.json is not a VQ-VAE configuration')
-    files = CheckpointCB(ckpt).files()
-    if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
     model = build_vqvae(cfg)
-    load_weights(model, load_checkpoint(files[-1])['model'], files[-1], 'VQ-VAE')
+    load_weights(model, ck['model'], path, 'VQ-VAE')
     return model.to(device).eval(), cfg
 
 # %% ../nbs/20_vqvae.ipynb #198ee5e4

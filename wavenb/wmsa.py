@@ -449,16 +449,11 @@ def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None
 
 def load_classifier(ckpt, device='cpu') -> tuple[nn.Module, dict]:
     "Rebuild (model with its final or EMA weights, config) from a `train_classifier` checkpoint folder."
-    from wavenb.learner import CheckpointCB, load_checkpoint, load_weights
-    ckpt = Path(ckpt)
-    if not (ckpt / 'config.json').is_file(): raise FileNotFoundError(f'no config.json in {ckpt}: not a wavenb train wmsa/vit checkpoint folder')
-    cfg = json.loads((ckpt / 'config.json').read_text())
-    files = CheckpointCB(ckpt).files()
-    if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
-    ck, model = load_checkpoint(files[-1]), build_classifier(cfg)
-    ema = ck['callbacks'].get('EMACB')
-    if ema is not None: load_weights(model, {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}, files[-1], 'EMA model')
-    else: load_weights(model, ck['model'], files[-1])
+    from wavenb.learner import load_run, ema_state, load_weights
+    cfg, ck, path = load_run(ckpt, 'wavenb train wmsa/vit')
+    model, ema = build_classifier(cfg), ema_state(ck, path, required=False)
+    if ema is not None: load_weights(model, ema, path, 'EMA model')
+    else: load_weights(model, ck['model'], path)
     return model.to(device).eval(), cfg
 
 @torch.no_grad()

@@ -417,17 +417,10 @@ def train_wno(data: str = 'sample', split: str | None = None, size: int | None =
 
 def load_wno(ckpt, device='cpu') -> tuple[WNO, dict]:
     "The EMA generator and its configuration from a `train_wno` checkpoint folder."
-    from wavenb.learner import CheckpointCB, load_checkpoint, load_weights, CheckpointError
-    ckpt = Path(ckpt)
-    if not (ckpt / 'config.json').is_file(): raise FileNotFoundError(f'no config.json in {ckpt}: not a train_wno checkpoint folder')
-    cfg = json.loads((ckpt / 'config.json').read_text())
-    files = CheckpointCB(ckpt).files()
-    if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
-    ck = load_checkpoint(files[-1])
-    ema = ck['callbacks'].get('EMACB')
-    if ema is None: raise CheckpointError(f'{files[-1]} has no EMA weights')
+    from wavenb.learner import load_run, ema_state, load_weights
+    cfg, ck, path = load_run(ckpt, 'train_wno')
     model = WNO(**_model_cfg(cfg))
-    load_weights(model, {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}, files[-1], 'EMA generator')
+    load_weights(model, ema_state(ck, path), path, 'EMA generator')
     return model.to(device).eval(), cfg
 
 def sample_wno(ckpt, n: int = 64, out=None, scales=None, seed: int = 0, device=None) -> Tensor:
