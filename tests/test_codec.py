@@ -15,12 +15,7 @@ def small_flow(C=3, seed=0, std=0.05):
     return m.eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    "Small float64 convolutions run faster on one thread (and do not fight other processes for the cores)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def crops():

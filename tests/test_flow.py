@@ -6,12 +6,7 @@ from wavenb.flow import (rct, irct, all_colours, Lift, s_transform, legall53, Wa
                          IntCollate, bpd_loss, round_ste)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    "Small float64 convolutions run faster on one thread (and do not fight other processes for the cores)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 def randomise(m, std=0.3, seed=0):
     torch.manual_seed(seed)

@@ -197,9 +197,9 @@ def train_ar(vqvae='runs/vqvae', data: str = 'sample', split: str | None = None,
              top_p: float | None = None, throughput_n: int = 256, fid_weights=None, device=None, seed: int = 0) -> dict:
     "Train the code prior of a `train_vqvae` folder; write checkpoints, `out/metrics.json` and `out/samples.png`."
     from wavenb.data import load_images, to_uint8, to_float
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB
+    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
     from wavenb.metrics import FIDKID, save_grid, dataset_info
-    from wavenb.vqvae import _split_test, _check_config
+    from wavenb.vqvae import _split_test
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     vq, vcfg = load_vqvae(vqvae, device)
     ds, test = _split_test(load_images(data, split), test_data, test_split, None, holdout, seed)
@@ -209,7 +209,7 @@ def train_ar(vqvae='runs/vqvae', data: str = 'sample', split: str | None = None,
     cfg = dict(vqvae=str(vqvae), vqvae_config=vcfg, shapes=[list(s) for s in vq.latent_shapes(H, W)], K=vq.K, d=d, layers=layers,
                heads=heads, dropout=dropout, flip=flip, data=ds.name, data_sha256=ds.checksum)
     prior = build_prior(cfg)
-    cfg = _check_config(ckpt, cfg)
+    cfg = save_config(ckpt, cfg)
     t0 = time.perf_counter()
     seqs, test_seqs = encode_images(vq, ds.images, flip), encode_images(vq, test.images)
     encode_s = time.perf_counter() - t0

@@ -365,7 +365,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test: str | None 
                sr_images: int = 256, device=None, seed: int = 0, experiment: str = 'flow') -> dict:
     "Train a wavelet flow on `data`, save `ckpt/model.pt`, evaluate on `test` (default: 10% of the data held out) into `out`."
     from wavenb.flow import IntCollate, bpd_loss
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB
+    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
     ds = load_images(data, split)
     if test is None:   # hold out a random 10% (the embedded sample is stored class by class)
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
@@ -376,11 +376,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test: str | None 
     ckpt, out = Path(ckpt), Path(out)
     model = WaveletFlow(ds.shape[0], init, lift_width, lift_depth, prior_width, prior_depth, K)
     cfg = dict(model.config, data=ds.name, data_sha256=ds.checksum, test=test_ds.name, test_sha256=test_ds.checksum)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    cfg_file = ckpt / 'config.json'
-    if cfg_file.is_file() and json.loads(cfg_file.read_text()) != cfg:
-        raise ValueError(f'{ckpt} holds a run with another configuration: use another --ckpt folder')
-    cfg_file.write_text(json.dumps(cfg, indent=1))
+    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration
 
     def evaluate(L) -> dict:
         m = L.ema_model.eval()

@@ -226,14 +226,13 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
     `backbone='ukan'`, pick the width whose parameter count matches the UNet at `width`; `mix_levels`: the levels with
     attention / KAN blocks (0 = full resolution; default: the coarsest only)."""
     from wavenb.data import load_images, Collate, to_float
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, TimeLimitCB
+    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, TimeLimitCB, save_config
     from wavenb.metrics import FIDKID, InceptionFeatures, save_grid
     from wavenb.unet import match_width, n_params, UNet
     if space not in ('pixel', 'wavelet'): raise ValueError(f"space must be 'pixel' or 'wavelet', got {space!r}")
     fid_net = InceptionFeatures(fid_weights) if (eval_samples or fid_every) else None   # fails now, not after training, if missing
     ds = load_images(data, split, size=size)
     ckpt, out = Path(ckpt), Path(out)
-    cfg_file = ckpt / 'config.json'
     zc = (PixelSpace() if space == 'pixel' else WaveletSpace(ds.shape[0], levels, wavelet)).latent_shape((1, *ds.shape))[1]
     mix = tuple(mix_levels) if mix_levels else (len(mults) - 1,)
     if any(not 0 <= l < len(mults) for l in mix): raise ValueError(f'mix_levels {mix} must be levels 0..{len(mults) - 1} of mults {tuple(mults)}')
@@ -241,16 +240,12 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
     cfg = dict(shape=list(ds.shape), space=space, levels=levels, wavelet=wavelet, backbone=backbone, width=width, mults=list(mults),
                blocks=blocks, T=T, schedule=schedule, pred=pred, data=ds.name, data_sha256=ds.checksum, band_scaling=band_scaling,
                mix_levels=list(mix))
-    if cfg_file.is_file():  # resuming: the folder's configuration must be this one
-        old = json.loads(cfg_file.read_text())
-        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
-        if diff: raise ValueError(f'{ckpt} holds a run with another configuration {diff}: use another --ckpt folder')
-        cfg = old
+    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration (and keeps its fitted scales)
     sp, sched, model = build_diffusion(cfg)
     if space == 'wavelet' and cfg.get('scales') is None:
         sub = ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:10_000]]
         cfg['scales'] = sp.fit_scales(to_float(sub, 'symmetric')).tolist() if band_scaling else [1.0] * zc
-    ckpt.mkdir(parents=True, exist_ok=True); cfg_file.write_text(json.dumps(cfg, indent=1))
+        save_config(ckpt, cfg, may_change=('scales',))
     shape = (64, *ds.shape)
     grid_fn = lambda m: sample(m, sched, shape, sp, 'ddim', sample_steps, pred=pred, generator=torch.Generator(device=next(m.parameters()).device).manual_seed(seed))
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_learner.ipynb #93b65ad2
 from __future__ import annotations
-import math, os, random, re, time
+import atexit, math, os, random, re, time
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
@@ -18,9 +18,10 @@ from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'dist_env', 'init_distributed',
-           'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner', 'ProgressCB', 'warmup_cosine',
-           'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError',
-           'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'ema_state', 'ResultsCB']
+           'leave_distributed', 'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner', 'ProgressCB',
+           'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'EMACB', 'EvalCB', 'SampleCB',
+           'CheckpointError', 'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'save_config', 'ema_state',
+           'ResultsCB']
 
 # %% ../nbs/02_learner.ipynb #2426ad87
 class ResumableSampler(Sampler[int]):
@@ -71,7 +72,12 @@ def init_distributed(device: torch.device):
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        atexit.register(leave_distributed)  # a process that exits while the group's threads run aborts at random
     return rank, world
+
+def leave_distributed():
+    "Leave the process group (safe to call twice, or with none)."
+    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/02_learner.ipynb #ad3ed1e4
 class CancelFitException(Exception): "Raise in a callback to end `fit` early (cleanly: `after_fit` still runs)."
@@ -439,6 +445,20 @@ def load_run(ckpt, what: str = 'training run') -> tuple[dict, dict, Path]:
     files = CheckpointCB(ckpt).files()
     if not files: raise FileNotFoundError(f'no checkpoint (ckpt-*.pt) in {ckpt}')
     return json.loads((ckpt / 'config.json').read_text()), load_checkpoint(files[-1]), files[-1]
+
+def save_config(ckpt, cfg: dict, may_change=()) -> dict:
+    """Write `cfg` to `ckpt/config.json`. If the folder holds a run already, its saved configuration must be this one
+    (keys in `may_change` excepted, e.g. `steps` when a run is extended): a resumed run never mixes two configurations.
+    Returns the saved dict: the old one updated with `cfg` (so values a run added to its config, like fitted scales, stay)."""
+    import json
+    f = Path(ckpt) / 'config.json'
+    if f.is_file():
+        old = json.loads(f.read_text())
+        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v and k not in may_change}
+        if diff: raise ValueError(f'{ckpt} holds a run with another configuration {diff}: use another --ckpt folder')
+        cfg = {**old, **cfg}
+    f.parent.mkdir(parents=True, exist_ok=True); f.write_text(json.dumps(cfg, indent=1))
+    return cfg
 
 def ema_state(ck: dict, path='checkpoint', required: bool = True) -> dict | None:
     "The EMA model's weights in checkpoint `ck` (without `AveragedModel`'s `module.` prefix); None or an error if it has none."

@@ -255,15 +255,6 @@ def _split_test(ds, test_data, test_split, size, holdout, seed):
     train = ds.subset(perm[holdout:]); train.name = f'{ds.name}, without {holdout} held-out images (seed {seed})'
     return train, test
 
-def _check_config(ckpt: Path, cfg: dict) -> dict:
-    f = ckpt / 'config.json'
-    if f.is_file():  # resuming: the folder's configuration must be this one
-        old = json.loads(f.read_text())
-        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
-        if diff: raise ValueError(f'{ckpt} holds a run with another configuration {diff}: use another --ckpt folder')
-    ckpt.mkdir(parents=True, exist_ok=True); f.write_text(json.dumps(cfg, indent=1))
-    return cfg
-
 def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str | None = None, test_split: str | None = None,
                 size: int | None = None, levels: int = 1, wavelet: str = 'haar', K: int = 512, D: int = 64, width: int = 64,
                 down: int = 1, n_res: int = 2, beta: float = 0.25, decay: float = 0.99, dead_below: float = 1.0,
@@ -272,7 +263,7 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
                 holdout: int = 200, device=None, seed: int = 0) -> dict:
     "Train a per-band (or pixel, `levels=0`) VQ-VAE; write checkpoints, `out/metrics.json` and figures."
     from wavenb.data import load_images, Collate, to_float
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB
+    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
     from wavenb.metrics import save_grid, dataset_info
     import matplotlib.pyplot as plt
     ds, test = _split_test(load_images(data, split, size=size), test_data, test_split, size, holdout, seed)
@@ -281,7 +272,7 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
     cfg = dict(shape=list(ds.shape), levels=levels, wavelet=wavelet, K=K, D=D, width=width, down=down, n_res=n_res, beta=beta,
                decay=decay, dead_below=dead_below, weighting=weighting, data=ds.name, data_sha256=ds.checksum)
     model = build_vqvae(cfg)                                   # validates the options before anything is written
-    cfg = _check_config(ckpt, cfg)
+    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration
     sub = ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:10_000]]
     model.fit_band_std(to_float(sub, 'symmetric'))           # (a resumed run loads the same buffer from its checkpoint)
 

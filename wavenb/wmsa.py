@@ -371,17 +371,6 @@ def _ce(label_smoothing):
     def loss(logits, y): return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     return loss
 
-def _cfg_file(ckpt, cfg: dict) -> dict:
-    "Write `cfg` to `ckpt/config.json`, or check that the folder's saved configuration is this one (a run may be extended: `steps` may differ)."
-    f = Path(ckpt) / 'config.json'
-    if f.is_file():
-        old = json.loads(f.read_text())
-        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v and k != 'steps'}
-        if diff: raise ValueError(f'{ckpt} holds a run with another configuration {diff}: use another --ckpt folder')
-        cfg = dict(old, steps=cfg['steps'])
-    f.parent.mkdir(parents=True, exist_ok=True); f.write_text(json.dumps(cfg, indent=1))
-    return cfg
-
 def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None = None, test: str | None = None,
                      resize: int | None = None, size: str = 'tiny', dim: int | None = None, depth: int | None = None,
                      heads: int | None = None, levels: int = 3, wavelet: str = 'haar', overcomplete: bool = False,
@@ -393,7 +382,7 @@ def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None
                      seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
     "Train a W-MSA or ViT classifier with the CIFAR recipe; evaluate once on `test` at the end; write `out/metrics.json`."
     from wavenb.data import load_images
-    from wavenb.learner import Learner, GradClipCB, EMACB, EvalCB, CheckpointCB, ProgressCB, ResultsCB
+    from wavenb.learner import Learner, GradClipCB, EMACB, EvalCB, CheckpointCB, ProgressCB, ResultsCB, save_config
     from wavenb.metrics import accuracy, dataset_info
     ds = load_images(data, split, size=resize)
     nv = valid_size if valid_size is not None else min(5000, len(ds) // 10)
@@ -406,13 +395,13 @@ def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None
                image_size=ds.shape[-1], channels=ds.shape[0], n_classes=len(ds.classes), data=ds.name, data_sha256=ds.checksum,
                steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                label_smoothing=label_smoothing, policy=policy, mix=mix, ema=ema, valid_size=nv, seed=seed)
-    cfg = _cfg_file(ckpt, cfg)
+    cfg = save_config(ckpt, cfg, may_change=('steps',))     # a run may be extended
     model = build_classifier(cfg)
     if kind == 'wmsa': model.tok.fit_scales(to_float(train.images[:5000], 'symmetric'))   # per-band scales (a buffer; a resumed run reloads them)
     out, loss = Path(out), _ce(label_smoothing)
 
     def decided(n):
-        cfg['decided_steps'] = n; (Path(ckpt) / 'config.json').write_text(json.dumps(cfg, indent=1))
+        cfg['decided_steps'] = n; save_config(ckpt, cfg, may_change=('steps', 'decided_steps'))
         print(f'time budget {minutes} min: training for {n} steps')
 
     def finish(L) -> dict:

@@ -350,7 +350,7 @@ def train_wno(data: str = 'sample', split: str | None = None, size: int | None =
               ckpt_every: int = 1000, out='figures/wno', device=None, seed: int = 0, compile: bool = False) -> dict:
     "Train the scale-recursive WNO and write checkpoints, figures and `out/metrics.json` (see above)."
     from wavenb.data import load_images, Collate, to_float
-    from wavenb.learner import LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB
+    from wavenb.learner import LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
     from wavenb.metrics import FIDKID, save_grid, plot_losses
     if perceptual not in ('inception', 'random'): raise ValueError(f"perceptual must be 'inception' or 'random', got {perceptual!r}")
     if size is not None and (size < 8 or size % 4 or (size // 4) & (size // 4 - 1)): raise ValueError(f'size must be 4 * 2^k >= 8 (8, 16, 32, 64, ...), got {size}')
@@ -364,14 +364,9 @@ def train_wno(data: str = 'sample', split: str | None = None, size: int | None =
     ckpt, out = Path(ckpt), Path(out)
     levels = int(round(math.log2(H / 4)))
     cfg = dict(width=width, depth=depth, local=local, size0=4, size=H, sigmas=[sigma] * levels, channels=C, data=ds.name, data_sha256=ds.checksum)
-    cfg_file = ckpt / 'config.json'
-    if cfg_file.is_file():
-        old = json.loads(cfg_file.read_text())
-        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
-        if diff: raise ValueError(f'{ckpt} holds a run with another configuration {diff}: use another --ckpt folder')
+    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration
     model = WNO(**_model_cfg(cfg))
     model.fit_prior(to_float(ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:20_000]]))
-    ckpt.mkdir(parents=True, exist_ok=True); cfg_file.write_text(json.dumps(cfg, indent=1))
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     perc = Perceptual(perceptual, fid_weights).to(dev) if lambda_v else None
     crit = WNOLoss(scale_weights, lambda_v, lambda_s, lambda_g, perc)
