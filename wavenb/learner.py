@@ -19,7 +19,7 @@ from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'dist_env', 'init_distributed',
            'leave_distributed', 'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner', 'ProgressCB',
-           'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'EMACB', 'EvalCB', 'SampleCB',
+           'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'ema_update', 'EMACB', 'EvalCB', 'SampleCB',
            'CheckpointError', 'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'save_config', 'ema_state',
            'ResultsCB']
 
@@ -299,14 +299,24 @@ class GradClipCB(Callback):
         L.history.setdefault('grad_norm', []).append(norm.item())
 
 # %% ../nbs/02_learner.ipynb #c0bf12c7
+def ema_update(decay: float = 0.999, warmup: bool = True):
+    "An `AveragedModel` `multi_avg_fn`: ema <- d ema + (1 - d) w with d = min(decay, (1 + n) / (10 + n)) at update n (or d = decay)."
+    @torch.no_grad()
+    def update(ema: list[Tensor], cur: list[Tensor], n: Tensor):
+        d = min(decay, (1 + int(n)) / (10 + int(n))) if warmup else decay
+        if torch.is_floating_point(ema[0]): torch._foreach_lerp_(ema, cur, 1 - d)
+        else:
+            for a, b in zip(ema, cur): a.copy_(a * d + b * (1 - d))   # integer buffers (e.g. batch counts)
+    return update
+
 class EMACB(Callback):
-    "Keep an EMA of the weights (and buffers) in `learn.ema_model`."
+    "Keep an EMA of the weights (and buffers) in `learn.ema_model` (with the decay warm-up of `ema_update`)."
     order = -5
-    def __init__(self, decay: float = 0.999): self.decay = decay
+    def __init__(self, decay: float = 0.999, warmup: bool = True): self.decay, self.warmup = decay, warmup
     def before_fit(self):
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
         if self.learn.ema is None:
-            self.learn.ema = AveragedModel(self.learn.raw_model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+            self.learn.ema = AveragedModel(self.learn.raw_model, multi_avg_fn=ema_update(self.decay, self.warmup), use_buffers=True)
     def after_step(self): self.learn.ema.update_parameters(self.learn.raw_model)
     def state_dict(self): return self.learn.ema.state_dict()
     def load_state_dict(self, sd): self.learn.ema.load_state_dict(sd)

@@ -19,7 +19,8 @@ from .data import ImageSet, cache_dir, to_uint8, repo_root
 # %% auto #0
 __all__ = ['FID_OPTIONS', 'fid_weights_path', 'file_sha256', 'InceptionFeatures', 'RandomFeatures', 'FIDKID', 'fid_between',
            'psnr', 'ssim', 'bits_per_dim', 'accuracy', 'image_grid', 'save_grid', 'show_grid', 'plot_losses',
-           'plot_bars', 'plot_band_energy', 'device_name', 'run_info', 'dataset_info', 'write_metrics']
+           'plot_bars', 'plot_band_energy', 'device_name', 'run_info', 'dataset_info', 'write_metrics', 'read_results',
+           'provenance']
 
 # %% ../nbs/03_metrics.ipynb #09381bc3
 FID_OPTIONS = ('pass weights=PATH (wavenb fid --weights PATH) to the TorchScript FID Inception network, '
@@ -279,7 +280,8 @@ def run_info(device=None) -> dict:
     # a copy of the tree without .git (e.g. on a GPU machine) gets its commit from WAVENB_GIT_COMMIT
     head = _git('rev-parse', 'HEAD')
     dirty = None if head is None else bool(_git('status', '--porcelain', '--untracked-files=no'))
-    return dict(command=' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]), git_commit=head or os.environ.get('WAVENB_GIT_COMMIT'), git_dirty=dirty, device=device_name(device), torch=torch.__version__, python=platform.python_version(),
+    prog = 'python -m wavenb.cli' if Path(sys.argv[0]).match('wavenb/cli.py') else Path(sys.argv[0]).name
+    return dict(command=' '.join([prog, *sys.argv[1:]]), git_commit=head or os.environ.get('WAVENB_GIT_COMMIT'), git_dirty=dirty, device=device_name(device), torch=torch.__version__, python=platform.python_version(),
                 date=datetime.now(timezone.utc).isoformat(timespec='seconds'))
 
 def dataset_info(ds: ImageSet) -> dict:
@@ -294,3 +296,16 @@ def write_metrics(path, metrics: dict, device=None, **extra) -> Path:
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(json.dumps(dict(run_info(device), **extra, metrics=metrics), indent=2) + '\n'); os.replace(tmp, path)
     return path
+
+# %% ../nbs/03_metrics.ipynb #5c5dd457
+def read_results(path) -> dict:
+    "A committed result: `path/metrics.json` for a folder (e.g. `figures/<exp>/`), else the `.json` file `write_metrics` wrote."
+    f = Path(path) if str(path).endswith('.json') else Path(path) / 'metrics.json'
+    if not f.is_file(): raise FileNotFoundError(f'{f} not found: figures/README.md lists the command that writes it')
+    return json.loads(f.read_text())
+
+def provenance(r: dict) -> str:
+    "One line that says where, when and how a result was made."
+    dirty = ' (uncommitted changes)' if r.get('git_dirty') else ''
+    run = f", {r['steps']} steps in {r['train_time_s'] / 60:.1f} min" if 'steps' in r and 'train_time_s' in r else ''
+    return f"{r['device']}, commit {str(r.get('git_commit'))[:7]}{dirty}, {r['date'][:10]}{run}: `{r['command']}`"
