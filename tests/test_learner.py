@@ -47,9 +47,13 @@ def test_torchrun_two_processes_match_one_process_with_double_batch(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     one = run('--steps', 30, '--batch-size', 16, '--loss-json', tmp_path / 'one.json', env=env)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(SCRIPT),
-                          '--steps', '30', '--batch-size', '8', '--loss-json', str(tmp_path / 'two.json')],
-                         capture_output=True, text=True, timeout=600, env=env)
+    for attempt in range(2):
+        two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(SCRIPT),
+                              '--steps', '30', '--batch-size', '8', '--loss-json', str(tmp_path / 'two.json')],
+                             capture_output=True, text=True, timeout=600, env=env)
+        # Known, rare (seen 2 of ~40 runs on 2-core machines): a rank aborts in gloo's C++ teardown at interpreter exit, after
+        # training and all output are done. One retry for that message only; any other failure, or two in a row, fails.
+        if two.returncode == 0 or 'terminate called without an active exception' not in two.stderr: break
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = json.loads((tmp_path / 'one.json').read_text()), json.loads((tmp_path / 'two.json').read_text())
     assert len(l1) == len(l2) == 30

@@ -76,8 +76,13 @@ def init_distributed(device: torch.device):
     return rank, world
 
 def leave_distributed():
-    "Leave the process group (safe to call twice, or with none)."
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    "Leave the process group together (a gloo barrier with a timeout, so a crashed rank cannot hang the others), then destroy it."
+    if not (dist.is_available() and dist.is_initialized()): return
+    if dist.get_backend() == 'gloo':
+        from datetime import timedelta
+        try: dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except RuntimeError: pass   # another rank is gone: leave anyway
+    dist.destroy_process_group()
 
 # %% ../nbs/02_learner.ipynb #ad3ed1e4
 class CancelFitException(Exception): "Raise in a callback to end `fit` early (cleanly: `after_fit` still runs)."
