@@ -127,3 +127,39 @@ def test_bf16_autocast_path_and_compile_on_cpu(tmp_path):
     C.fit(4)
     assert C.step == 4 and not any('_orig_mod' in k for k in load_checkpoint(CheckpointCB(tmp_path).files()[-1])['model'])
     with pytest.raises(ValueError, match='precision'): Learner(tiny(), ds, F.cross_entropy, precision='fp8')
+
+class _Stateful(nn.Module):
+    "A classifier with the three kinds of buffer: an integer table, a -inf additive mask, BatchNorm statistics."
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 10)
+        self.register_buffer('band_of', torch.tensor([0, 1, 2, 3]))
+        self.register_buffer('mask', torch.tensor([0.0, 0.0, 0.0, -float('inf')]))   # additive, as in attention
+    def forward(self, x):
+        h = self.bn(self.conv(x)).mean((2, 3)) * (self.band_of.float() + 1)
+        return self.head(h * self.mask.exp())
+
+class _TrackStats(Callback):
+    "After EMACB, keep the expected EMA of BatchNorm's running mean by hand."
+    order = 0
+    def __init__(self, decay): self.decay, self.n, self.mean = decay, 0, None
+    def after_step(self):
+        b = self.learn.raw_model.bn.running_mean
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        self.mean = b.clone() if self.n == 0 else d * self.mean + (1 - d) * b
+        self.n += 1
+
+def test_ema_copies_state_buffers_and_averages_running_stats():
+    "Integer tables must not be truncated, -inf masks must not turn into NaN, BatchNorm statistics are averaged."
+    ds = load_images()
+    torch.manual_seed(0)
+    track = _TrackStats(0.999)
+    L = Learner(_Stateful(), ds, F.cross_entropy, batch_size=16, lr=1e-3, cbs=[EMACB(0.999), track], device='cpu')
+    L.fit(40)
+    e, m = L.ema_model, L.raw_model
+    assert torch.equal(e.band_of, m.band_of), e.band_of      # was [0, 1, 2, 2]: 3 averaged in float, truncated
+    assert torch.equal(e.mask, m.mask), e.mask               # was NaN: lerp(-inf, -inf)
+    assert torch.equal(e.bn.num_batches_tracked, m.bn.num_batches_tracked)
+    torch.testing.assert_close(e.bn.running_mean, track.mean)
+    assert not torch.equal(e.bn.running_mean, m.bn.running_mean)   # averaged, not copied
+    assert torch.isfinite(torch.tensor(L.evaluate(e, ds)['loss']))

@@ -19,9 +19,9 @@ from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'dist_env', 'init_distributed',
            'leave_distributed', 'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner', 'ProgressCB',
-           'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'ema_update', 'EMACB', 'EvalCB', 'SampleCB',
-           'CheckpointError', 'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'save_config', 'ema_state',
-           'ResultsCB']
+           'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'ema_decay', 'running_stats', 'ema_step_',
+           'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError', 'load_checkpoint', 'load_weights', 'CheckpointCB',
+           'load_run', 'save_config', 'ema_state', 'ResultsCB']
 
 # %% ../nbs/02_learner.ipynb #2426ad87
 class ResumableSampler(Sampler[int]):
@@ -304,27 +304,50 @@ class GradClipCB(Callback):
         L.history.setdefault('grad_norm', []).append(norm.item())
 
 # %% ../nbs/02_learner.ipynb #c0bf12c7
-def ema_update(decay: float = 0.999, warmup: bool = True):
-    "An `AveragedModel` `multi_avg_fn`: ema <- d ema + (1 - d) w with d = min(decay, (1 + n) / (10 + n)) at update n (or d = decay)."
-    @torch.no_grad()
-    def update(ema: list[Tensor], cur: list[Tensor], n: Tensor):
-        d = min(decay, (1 + int(n)) / (10 + int(n))) if warmup else decay
-        if torch.is_floating_point(ema[0]): torch._foreach_lerp_(ema, cur, 1 - d)
-        else:
-            for a, b in zip(ema, cur): a.copy_(a * d + b * (1 - d))   # integer buffers (e.g. batch counts)
-    return update
+def ema_decay(n: int, decay: float = 0.999, warmup: bool = True) -> float:
+    "The decay of update `n` (counted from 0): min(decay, (1 + n) / (10 + n)) with the warm-up, else `decay`."
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
+
+# %% ../nbs/02_learner.ipynb #f55aa44c
+def running_stats(model: nn.Module) -> set[str]:
+    "Names of the buffers of `model` that are running statistics (BatchNorm/InstanceNorm `running_mean`, `running_var`)."
+    from torch.nn.modules.batchnorm import _NormBase
+    return {f'{p}.{n}' if p else n for p, m in model.named_modules() if isinstance(m, _NormBase)
+            for n in ('running_mean', 'running_var') if getattr(m, n, None) is not None}
+
+@torch.no_grad()
+def ema_step_(ema: nn.Module, model: nn.Module, d: float, stats: set[str] | None = None):
+    "One EMA update of `ema` towards `model` with decay `d`: weights and running statistics averaged, other buffers copied."
+    stats = running_stats(model) if stats is None else stats
+    avg, cur, mine = [], [], dict(ema.named_buffers())
+    for a, b in zip(ema.parameters(), model.parameters()):
+        if torch.is_floating_point(a): avg.append(a); cur.append(b)
+        else: a.copy_(b)
+    for k, b in model.named_buffers():
+        if k in stats and torch.is_floating_point(b): avg.append(mine[k]); cur.append(b)
+        else: mine[k].copy_(b)                                   # counters, index tables, masks: state, not averages
+    # $\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta$
+    if avg: torch._foreach_lerp_(avg, cur, 1 - d)
+
+
+# %% ../nbs/02_learner.ipynb #33534d6c
 class EMACB(Callback):
-    "Keep an EMA of the weights (and buffers) in `learn.ema_model` (with the decay warm-up of `ema_update`)."
+    "Keep an EMA of the weights and running statistics in `learn.ema_model` (decay warm-up of `ema_decay`); other buffers are copied."
     order = -5
     def __init__(self, decay: float = 0.999, warmup: bool = True): self.decay, self.warmup = decay, warmup
     def before_fit(self):
         from torch.optim.swa_utils import AveragedModel
-        if self.learn.ema is None:
-            self.learn.ema = AveragedModel(self.learn.raw_model, multi_avg_fn=ema_update(self.decay, self.warmup), use_buffers=True)
-    def after_step(self): self.learn.ema.update_parameters(self.learn.raw_model)
+        if self.learn.ema is None: self.learn.ema = AveragedModel(self.learn.raw_model)   # holds `module` and `n_averaged`
+        self.stats = running_stats(self.learn.raw_model)
+    def after_step(self):
+        ema = self.learn.ema
+        n = int(ema.n_averaged)
+        ema_step_(ema.module, self.learn.raw_model, 0.0 if n == 0 else ema_decay(n, self.decay, self.warmup), self.stats)  # update 0 copies
+        ema.n_averaged += 1
     def state_dict(self): return self.learn.ema.state_dict()
     def load_state_dict(self, sd): self.learn.ema.load_state_dict(sd)
+
 
 # %% ../nbs/02_learner.ipynb #2e0b1f44
 class EvalCB(Callback):
