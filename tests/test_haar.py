@@ -1,7 +1,7 @@
 "wavenb.haar against PyWavelets, on shapes and settings the notebook does not try."
 import warnings
 import numpy as np, pytest, pywt, torch
-from wavenb.haar import (dwt2, wavedec2, waverec2, dwt2_stacked, idwt2_stacked, analysis_matrix,
+from wavenb.haar import (dwt2, idwt2, wavedec2, waverec2, dwt2_stacked, idwt2_stacked, analysis_matrix,
                          DWT2, IDWT2, WaveDec2, WaveRec2, max_level, band_energy, coeffs_to_image)
 
 WAVELETS = ['haar', 'db2', 'db4', 'sym4', 'coif2', 'db1', 'sym2', 'coif1']
@@ -98,3 +98,21 @@ def test_helpers():
 def test_cuda_matches_cpu(w):
     x = torch.randn(4, 3, 32, 32)
     assert torch.allclose(dwt2_stacked(x.cuda(), w).cpu(), dwt2_stacked(x, w), atol=1e-4)
+
+def test_approximately_orthogonal_wavelets_are_refused():
+    "dmey passes PyWavelets' `orthogonal` flag but its truncated filters are not orthonormal: the transpose would not invert it."
+    with pytest.raises(ValueError, match='only approximately orthogonal'): dwt2(torch.randn(1, 64, 64), 'dmey')
+
+def test_pywt_wavelet_objects_and_none_bands():
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    for w in ('haar', 'db2', 'sym4'):
+        torch.testing.assert_close(dwt2_stacked(x, pywt.Wavelet(w)), dwt2_stacked(x, w))
+    custom = pywt.Wavelet('mine', filter_bank=pywt.Wavelet('db2').filter_bank[::-1])
+    with pytest.raises(TypeError, match='own filter bank'): dwt2(x, custom)
+    with pytest.raises(TypeError, match='wavelet must be a name'): dwt2(x, 3)
+    cA, (cH, cV, cD) = dwt2(x, 'db2')
+    for coeffs in [(cA, (None, None, None)), (None, (cH, None, cD))]:   # None is a zero band, as in PyWavelets
+        ref = pywt.idwt2(tuple(None if t is None else (t.numpy() if not isinstance(t, tuple) else tuple(None if u is None else u.numpy() for u in t)) for t in coeffs),
+                         'db2', mode='periodization')
+        np.testing.assert_allclose(idwt2(coeffs, 'db2').numpy(), ref, atol=1e-10)
+    with pytest.raises(ValueError, match='all four bands are None'): idwt2((None, (None, None, None)))

@@ -9,8 +9,9 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['BANDS', 'haar1d', 'ihaar1d', 'filter_bank', 'analysis_matrix', 'max_level', 'dwt2_stacked', 'idwt2_stacked', 'dwt2',
-           'idwt2', 'wavedec2', 'waverec2', 'coeffs_to_image', 'band_energy', 'DWT2', 'IDWT2', 'WaveDec2', 'WaveRec2']
+__all__ = ['BANDS', 'haar1d', 'ihaar1d', 'wavelet_name', 'filter_bank', 'analysis_matrix', 'max_level', 'dwt2_stacked',
+           'idwt2_stacked', 'dwt2', 'idwt2', 'wavedec2', 'waverec2', 'coeffs_to_image', 'band_energy', 'DWT2', 'IDWT2',
+           'WaveDec2', 'WaveRec2']
 
 # %% ../nbs/00_haar.ipynb #083b80b6
 def haar1d(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -26,9 +27,28 @@ def ihaar1d(a: Tensor, d: Tensor) -> Tensor:
 # %% ../nbs/00_haar.ipynb #a510eb45
 _HAAR = ((1 / math.sqrt(2), 1 / math.sqrt(2)), (-1 / math.sqrt(2), 1 / math.sqrt(2)))
 
-@functools.lru_cache(maxsize=None)
+def wavelet_name(wavelet) -> str:
+    "The name of `wavelet`: a name like `'db4'`, or a `pywt.Wavelet` object of a built-in PyWavelets wavelet."
+    if isinstance(wavelet, str): return wavelet
+    name, lo = getattr(wavelet, 'name', None), getattr(wavelet, 'dec_lo', None)
+    if not isinstance(name, str) or lo is None:
+        raise TypeError(f"wavelet must be a name such as 'haar' or 'db4' (or a pywt.Wavelet), got {type(wavelet).__name__}")
+    if _same_filters(name, lo): return name
+    raise TypeError(f'pywt.Wavelet {name!r} has its own filter bank: wavenb takes the built-in wavelets by name '
+                    "('haar', 'dbN', 'symN', 'coifN')")
+
+def _same_filters(name: str, dec_lo) -> bool:
+    "Is `dec_lo` the low-pass filter of the built-in wavelet `name`?"
+    try: ref = _filter_bank(name)[0]
+    except ValueError: return False
+    return len(ref) == len(dec_lo) and all(abs(a - b) < 1e-12 for a, b in zip(ref, dec_lo))
+
 def filter_bank(wavelet: str = 'haar') -> tuple[tuple[float, ...], tuple[float, ...]]:
     "Decomposition filters `(dec_lo, dec_hi)` of an orthogonal wavelet, as PyWavelets defines them."
+    return _filter_bank(wavelet_name(wavelet))
+
+@functools.lru_cache(maxsize=None)
+def _filter_bank(wavelet: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if wavelet == 'haar': return _HAAR
     import pywt  # lazily: only non-Haar filter banks need PyWavelets
     try: w = pywt.Wavelet(wavelet)
@@ -38,6 +58,12 @@ def filter_bank(wavelet: str = 'haar') -> tuple[tuple[float, ...], tuple[float, 
     if not w.orthogonal:
         raise ValueError(f"wavelet {wavelet!r} is not orthogonal; wavenb supports orthogonal wavelets "
                          "(haar, dbN, symN, coifN), whose inverse is the transpose")
+    lo = w.dec_lo
+    # orthonormal filters: $\sum_k h_k h_{k+2m} = \delta_m$ (this is what makes the inverse the transpose)
+    err = max(abs(sum(a * b for a, b in zip(lo, lo[2 * m:])) - (m == 0)) for m in range(len(lo) // 2))
+    if err > 1e-8:
+        raise ValueError(f"wavelet {wavelet!r} is only approximately orthogonal (its filters miss orthonormality by {err:.1e}), "
+                         "so the transpose would not invert it exactly; use an exactly orthogonal one (haar, dbN, symN, coifN)")
     return tuple(w.dec_lo), tuple(w.dec_hi)
 
 @functools.lru_cache(maxsize=None)
@@ -105,6 +131,7 @@ def _fast(x: Tensor) -> bool:
 def dwt2_stacked(x: Tensor, wavelet: str = 'haar') -> Tensor:
     "One-level 2D DWT, `(..., H, W) -> (..., 4, H/2, W/2)` with bands LL, LH, HL, HH (periodic boundary)."
     _check_input(x, 1, 'dwt2')
+    wavelet = wavelet_name(wavelet)
     if wavelet == 'haar':
         if _fast(x): return _fast_haar.haar_fwd(x.contiguous())  # fused GPU kernel (04_fast_haar), same numbers
         return _haar_fwd(x)
@@ -119,6 +146,7 @@ def idwt2_stacked(y: Tensor, wavelet: str = 'haar') -> Tensor:
         raise ValueError(f'idwt2 expects stacked subbands of shape (..., 4, h, w), '
                          f'got {tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}')
     if not y.is_floating_point(): raise TypeError(f'idwt2 needs a floating-point tensor, got {y.dtype}')
+    wavelet = wavelet_name(wavelet)
     if wavelet == 'haar':
         if _fast(y): return _fast_haar.haar_inv(y.contiguous())
         return _haar_inv(y)
@@ -134,8 +162,15 @@ def dwt2(x: Tensor, wavelet: str = 'haar') -> tuple[Tensor, tuple[Tensor, Tensor
     return ll, (lh, hl, hh)
 
 def _stack_coeffs(cA: Tensor, details, fn: str) -> Tensor:
+    "Stack `(cA, (cH, cV, cD))`; a band given as None is zero, as in PyWavelets."
     if not (isinstance(details, (tuple, list)) and len(details) == 3):
         raise ValueError(f'{fn}: details must be a tuple (cH, cV, cD), got {type(details).__name__}')
+    bands = [cA, *details]
+    for t in bands:
+        if t is not None and not isinstance(t, Tensor): raise TypeError(f'{fn}: coefficients must be tensors (or None), got {type(t).__name__}')
+    ref = next((t for t in bands if t is not None), None)
+    if ref is None: raise ValueError(f'{fn}: all four bands are None')
+    cA, *details = [torch.zeros_like(ref) if t is None else t for t in bands]
     shapes = [tuple(t.shape) for t in (cA, *details)]
     if len(set(shapes)) > 1: raise ValueError(f'{fn}: cA, cH, cV, cD must have one shape, got {shapes}')
     return torch.stack([cA, *details], -3)
@@ -184,7 +219,7 @@ def band_energy(coeffs) -> dict[str, float]:
 class DWT2(nn.Module):
     "One-level 2D DWT as a layer: `(..., H, W) -> (..., 4, H/2, W/2)`, bands LL, LH, HL, HH."
     def __init__(self, wavelet: str = 'haar'):
-        super().__init__(); filter_bank(wavelet); self.wavelet = wavelet
+        super().__init__(); filter_bank(wavelet); self.wavelet = wavelet_name(wavelet)
     def forward(self, x: Tensor) -> Tensor: return dwt2_stacked(x, self.wavelet)
     def extra_repr(self): return f'wavelet={self.wavelet!r}'
 
@@ -195,7 +230,7 @@ class IDWT2(DWT2):
 class WaveDec2(nn.Module):
     "Multi-level DWT as a layer, returning the `wavedec2` list."
     def __init__(self, wavelet: str = 'haar', level: int = 1):
-        super().__init__(); filter_bank(wavelet); self.wavelet, self.level = wavelet, level
+        super().__init__(); filter_bank(wavelet); self.wavelet, self.level = wavelet_name(wavelet), level
     def forward(self, x: Tensor) -> list: return wavedec2(x, self.wavelet, self.level)
     def extra_repr(self): return f'wavelet={self.wavelet!r}, level={self.level}'
 
