@@ -3,7 +3,7 @@ import pytest, torch
 from torch import nn
 from wavenb.flow import (rct, irct, all_colours, Lift, s_transform, legall53, WaveletFlowTransform, WaveletFlow, max_levels,
                          flow_jacobian, logistic_mixture_logp, logistic_mixture_sample, analysis_filters, save_flow, load_flow,
-                         IntCollate, bpd_loss, round_ste)
+                         IntCollate, bpd_loss, round_ste, round_half_up, no_round, ll_offset, ll_grid, level_sizes)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -137,3 +137,60 @@ def test_round_ste_and_filters():
     h = torch.tensor([-1., 2, 6, 2, -1]) / 8
     assert torch.allclose(k['LL'][6:11, 6:11].float(), torch.outer(h, h), atol=1e-6)
     assert abs(k['LL'].sum().item() - 1) < 1e-9 and abs(k['HH'].sum().item()) < 1e-9
+
+def _mode(p):
+    "The T=0 value of a band: the rounded mean of its most likely component."
+    logit, mu, _ = p
+    return round_half_up(mu.gather(-1, logit.argmax(-1, keepdim=True)).squeeze(-1))
+
+@pytest.fixture(scope='module')
+def random_flow():
+    return randomise(WaveletFlow(3, lift_width=4, prior_width=8, prior_depth=1, K=3), 0.2).double().eval()
+
+def test_super_resolve_keeps_the_ll_and_draws_the_prior_mode_at_t0(random_flow):
+    m, size = random_flow, (12, 10)
+    x = torch.randint(0, 256, (2, 3, *size), generator=torch.Generator().manual_seed(0)).double()
+    lls = []; m.encode(x, lls=lls)
+    for level in (0, 1):
+        sr = m.super_resolve(lls[level], level, size, temperature=0)
+        assert torch.equal(m.super_resolve(lls[level], level, size, 0, torch.Generator().manual_seed(5)), sr)   # T=0: no randomness
+        lls2 = []; c, det = m.encode(sr, lls=lls2)
+        assert torch.equal(lls2[level], lls[level])                         # the given LL, exactly
+        assert not torch.equal(sr, x)                                       # the details were drawn, not copied
+        drawn = list(m.params(c, det, lls2))[-3 * (level + 1):]             # the bands of levels `level` .. 0
+        for z, p in drawn: assert torch.equal(z, _mode(p))                   # each one its prior's mode, given everything coarser
+        s1, s2, s3 = (m.super_resolve(lls[level], level, size, 1.0, torch.Generator().manual_seed(k)) for k in (1, 1, 2))
+        assert torch.equal(s1, s2) and not torch.equal(s1, s3)               # seeded samples
+        lls3 = []; m.encode(s1, lls=lls3)
+        assert torch.equal(lls3[level], lls[level])
+
+def test_sample_at_t0_is_the_prior_mode_at_every_level(random_flow):
+    m, size = random_flow, (12, 10)
+    L = m.n_levels(*size)
+    coarse = _mode(m.prior.coarse_params(torch.zeros(3, 3, *level_sizes(*size, L)[-1], dtype=torch.float64)))
+    full = m.super_resolve(coarse, L - 1, size, temperature=0)
+    c, det = m.encode(full)
+    for z, p in m.params(c, det): assert torch.equal(z, _mode(p))          # the coarsest LL and every band
+    s = m.sample(3, size, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(s, m.sample(3, size, 0.0, torch.Generator().manual_seed(1)))
+    assert s.dtype == torch.uint8 and torch.equal(s, full.clamp(0, 255).to(torch.uint8))
+    a, b, d = (m.sample(3, size, 1.0, torch.Generator().manual_seed(k)) for k in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, d)
+
+def test_ll_offset_is_where_a_ramp_lands():
+    "For LeGall 5/3 the LL sits on the even samples, for Haar between the pair; for a random nonlinear lift the centroid of the linearised"
+    "filter predicts how far a small ramp moves the LL."
+    assert ll_offset(WaveletFlowTransform(1, 'legall', width=0)) == pytest.approx((0, 0), abs=1e-12)
+    assert ll_offset(WaveletFlowTransform(1, 'haar', width=0)) == pytest.approx((.5, .5), abs=1e-12)
+    assert ll_grid(WaveletFlowTransform(1, 'haar', width=0), 1) == (4, pytest.approx((1.5, 1.5)))
+    f = randomise(WaveletFlowTransform(1, 'legall', width=4), 0.3, seed=3).double()
+    dy, dx = ll_offset(f)
+    assert abs(dy) > 1e-3 and abs(dx) > 1e-3 and abs(dy - dx) > 1e-3       # a real, asymmetric offset
+    n, eps = 64, 1e-4
+    yy, xx = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing='ij')
+    LL = lambda img: f.split((128 + img)[None, None], rnd=no_round)[0][0, 0, n // 4, n // 4].item()
+    with torch.no_grad():
+        base = LL(0 * xx)
+        gain = (LL(eps + 0 * xx) - base) / eps
+        assert (LL(eps * yy) - base) / (eps * gain) - n // 2 == pytest.approx(dy, abs=1e-4)
+        assert (LL(eps * xx) - base) / (eps * gain) - n // 2 == pytest.approx(dx, abs=1e-4)

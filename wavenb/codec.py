@@ -8,16 +8,18 @@ import contextlib, hashlib, io, json, math, os, struct, time, zlib
 from pathlib import Path
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from .flow import WaveletFlow, irct, rct, level_sizes, load_flow, save_flow
+from .flow import WaveletFlow, irct, rct, level_sizes, load_flow, save_flow, ll_grid
 from .learner import Callback
 from .data import load_images
 
 # %% auto #0
 __all__ = ['PREC', 'RANS_L', 'M', 'HEADER', 'MAGIC', 'VERSION', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables',
            'mixture_cdf', 'quantised_cdf', 'model_id', 'one_thread', 'symbols', 'compress', 'read_header', 'decompress',
-           'theoretical_bits', 'll_to_image', 'progressive', 'plot_progressive', 'baseline_bytes', 'super_resolution',
-           'plot_sr', 'evaluate_flow', 'train_flow', 'read_image', 'add_cli']
+           'theoretical_bits', 'll_to_image', 'progressive', 'plot_progressive', 'baseline_bytes', 'cubic_kernel',
+           'upsample_matrix', 'upsample', 'super_resolution', 'plot_sr', 'coded_subset', 'evaluate_flow', 'train_flow',
+           'read_image', 'add_cli', 'flow_report']
 
 # %% ../nbs/41_codec.ipynb #f133b5de
 PREC, RANS_L = 24, 1 << 31
@@ -276,11 +278,30 @@ def baseline_bytes(images: Tensor) -> dict:
             tot[name] += len(b.getvalue())
     return tot
 
+# %% ../nbs/41_codec.ipynb #461c5cf1
+def cubic_kernel(t: Tensor, a: float = -0.5) -> Tensor:
+    "Keys' cubic convolution kernel W(t); a = -1/2 reproduces polynomials up to degree 2 (PyTorch's 'bicubic' uses a = -3/4)."
+    t = t.abs()
+    return torch.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, torch.zeros_like(t)))
+
+def upsample_matrix(n: int, size: int, step: float, origin: float = 0., mode: str = 'bicubic', a: float = -0.5) -> Tensor:
+    "(size, n) float64 matrix taking `n` samples at pixels `step * i + origin` to pixels 0..size-1; edge samples repeat beyond the ends."
+    u = (torch.arange(size, dtype=torch.float64) - origin) / step          # each pixel's position in samples
+    if mode == 'nearest': return F.one_hot(torch.floor(u + .5).clamp(0, n - 1).long(), n).double()
+    if mode != 'bicubic': raise ValueError(f"mode must be 'bicubic' or 'nearest', got {mode!r}")
+    i0, W = torch.floor(u), torch.zeros(size, n, dtype=torch.float64)
+    for k in range(-1, 3): W.scatter_add_(1, (i0 + k).clamp(0, n - 1).long()[:, None], cubic_kernel(u - i0 - k, a)[:, None])
+    return W
+
+def upsample(low: Tensor, size: tuple, step: float, origin: tuple = (0., 0.), mode: str = 'bicubic', a: float = -0.5) -> Tensor:
+    "Separable interpolation of `low` (..., h, w) to `size`: its sample (i, j) sits at pixel (step i + origin[0], step j + origin[1])."
+    Wh, Ww = (upsample_matrix(n, m, step, o, mode, a).to(low.device) for n, m, o in zip(low.shape[-2:], size, origin))
+    return torch.einsum('ph,...hw,qw->...pq', Wh, low.double(), Ww).to(low.dtype)
+
 # %% ../nbs/41_codec.ipynb #f56b1f0b
 @torch.no_grad()
 def super_resolution(model: WaveletFlow, images: Tensor, level: int = 0, temperatures=(0.0, 1.0), seed: int = 0) -> dict:
-    "PSNR/SSIM of 2^(level+1)x super-resolution from the flow's LL: flow samples at each temperature vs bicubic."
-    import torch.nn.functional as F
+    "PSNR/SSIM of 2^(level+1)x super-resolution from the flow's LL: flow samples at each temperature vs nearest and bicubic on the LL's grid."
     from wavenb.metrics import psnr, ssim
     dev = next(model.parameters()).device
     x = images.to(dev).float()
@@ -288,16 +309,15 @@ def super_resolution(model: WaveletFlow, images: Tensor, level: int = 0, tempera
     model.encode(x, lls=lls)
     LL, size = lls[level], tuple(x.shape[-2:])
     low = ll_to_image(LL, model.transform.colour)
-    res, outs = {}, {'LL (nearest)': F.interpolate(low, size=size, mode='nearest'),
-                     'bicubic': F.interpolate(low, size=size, mode='bicubic', align_corners=False).clamp(0, 255)}
+    s, origin = ll_grid(model.transform, level)                 # where the LL samples sit on the pixel grid
+    outs = {'nearest': upsample(low, size, s, origin, 'nearest'), 'bicubic': upsample(low, size, s, origin).clamp(0, 255)}
     g = torch.Generator(device=dev).manual_seed(seed)
     for T in temperatures: outs[f'flow T={T:g}'] = model.super_resolve(LL, level, size, T, g).clamp(0, 255)
+    res = {}
     for k, v in outs.items():
-        if k == 'LL (nearest)': continue
-        v = v.round().to(torch.uint8).cpu(); outs[k] = v
+        outs[k] = v = v.round().to(torch.uint8).cpu()
         res[k] = dict(psnr=psnr(v, images).mean().item(), ssim=ssim(v, images).mean().item())
-    outs['LL (nearest)'] = outs['LL (nearest)'].round().to(torch.uint8).cpu()
-    return dict(factor=2 ** (level + 1), metrics=res, images=outs)
+    return dict(factor=s, metrics=res, images=outs)
 
 def plot_sr(images: Tensor, sr: dict, path=None, n: int = 6):
     import matplotlib.pyplot as plt
@@ -312,10 +332,16 @@ def plot_sr(images: Tensor, sr: dict, path=None, n: int = 6):
     if path: fig.savefig(path, bbox_inches='tight'); plt.close(fig)
     return fig
 
-def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, streams: int = 256, sr_images: int = 256, batch: int = 500, seed: int = 0) -> dict:
-    "Bits/dim (model, float64 theoretical, real file), PNG/WebP on the same images, speeds, progressive/SR/samples/filter figures."
+def coded_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
+    "The test images `evaluate_flow` codes: the first `n` of a seeded random order (super-resolution uses the first `sr_images` of them)."
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+
+def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, streams: int = 256, sr_images: int = 256, batch: int = 500, seed: int = 0,
+                  per_image_files: int | None = None) -> dict:
+    "Bits/dim (model, float64 theoretical, real files), every codec one file per image on the same images, speeds, progressive/SR/samples/filter figures."
     from wavenb.flow import plot_filters, WaveletFlowTransform
     from wavenb.metrics import save_grid
+    if per_image_files is not None and per_image_files < 1: raise ValueError(f'per_image_files must be at least 1, got {per_image_files}')
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     dev = next(model.parameters()).device
@@ -326,22 +352,23 @@ def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, stream
     if dev.type == 'cuda': torch.cuda.synchronize()
     res = dict(test_images=len(imgs), bpd_model_fp32=bpd.mean().item(),
                model_forward_images_per_s=round(len(imgs) / (time.perf_counter() - t0), 1), model_forward_device=str(dev))
-    sub = imgs[torch.randperm(len(imgs), generator=torch.Generator().manual_seed(seed))[:code_images]]
+    sub = coded_subset(imgs, code_images, seed)
     n = len(sub) * dims
     t0 = time.perf_counter(); data = compress(model, sub, streams); t1 = time.perf_counter()
     back = decompress(model, data); t2 = time.perf_counter()
     if not torch.equal(back, sub): raise RuntimeError('the decoded images differ from the originals')
     theo = theoretical_bits(model, sub) / n
-    base = baseline_bytes(sub)
-    singles = [len(compress(model, sub[i:i + 1], 1)) for i in range(min(20, len(sub)))]
+    # the comparison: every codec writes each image to its own file (headers included), on the same images
+    k = len(sub) if per_image_files is None else min(per_image_files, len(sub))
+    files = [compress(model, sub[i:i + 1], 1) for i in range(k)]
+    per = {c: 8 * b / (k * dims) for c, b in dict(flow=sum(map(len, files)), **baseline_bytes(sub[:k])).items()}
     res.update(coded_images=len(sub), bpd_theoretical=theo, bpd_file=8 * len(data) / n, file_bytes=len(data),
-               file_overhead_pct=100 * (8 * len(data) / n / theo - 1), bit_exact=True,
-               bpd_single_image_files=8 * sum(singles) / (len(singles) * dims), streams=min(streams, len(sub)),
+               file_overhead_pct=100 * (8 * len(data) / n / theo - 1), bit_exact=True, streams=min(streams, len(sub)),
                encode_images_per_s_cpu=round(len(sub) / (t1 - t0), 2), decode_images_per_s_cpu=round(len(sub) / (t2 - t1), 2),
-               **{f'bpd_{k}': 8 * v / n for k, v in base.items()},
-               saving_vs_webp_pct=100 * (1 - len(data) / base['webp_lossless']), saving_vs_png_pct=100 * (1 - len(data) / base['png']))
-    one = compress(model, sub[:1], 1)
-    steps = progressive(model, one)
+               per_image_files=k, per_image_bpd=per, per_image_saving_vs_webp_pct=100 * (1 - per['flow'] / per['webp_lossless']),
+               per_image_saving_vs_png_pct=100 * (1 - per['flow'] / per['png']))
+    steps = progressive(model, files[0])
+    if not torch.equal(steps[-1]['image'], sub[0]): raise RuntimeError('the one-image file did not decode to its image')
     plot_progressive(steps, out / 'progressive.png')
     res['progressive_bytes'] = {f"level {s['level']} {tuple(s['image'].shape[-2:])}": s['bytes'] for s in steps}
     srs = sub[:sr_images]
@@ -362,7 +389,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test: str | None 
                steps: int = 1000, batch_size: int = 64, lr: float = 1e-3, warmup: int = 200, ema: float = 0.999,
                init: str = 'legall', lift_width: int = 32, lift_depth: int = 2, prior_width: int = 96, prior_depth: int = 4, K: int = 5,
                minutes: float | None = None, ckpt='runs/flow', out='figures/flow', code_images: int = 1000, streams: int = 256,
-               sr_images: int = 256, device=None, seed: int = 0, experiment: str = 'flow') -> dict:
+               sr_images: int = 256, device=None, seed: int = 0, experiment: str = 'flow', per_image_files: int | None = None) -> dict:
     "Train a wavelet flow on `data`, save `ckpt/model.pt`, evaluate on `test` (default: 10% of the data held out) into `out`."
     from wavenb.flow import IntCollate, bpd_loss
     from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
@@ -381,7 +408,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test: str | None 
     def evaluate(L) -> dict:
         m = L.ema_model.eval()
         save_flow(m, ckpt / 'model.pt')
-        return evaluate_flow(m, test_ds, out, code_images, streams, sr_images, seed=seed)
+        return evaluate_flow(m, test_ds, out, code_images, streams, sr_images, seed=seed, per_image_files=per_image_files)
 
     cbs = [LRScheduleCB(warmup, minutes=minutes), GradClipCB(1.0), EMACB(ema), ProgressCB(every=50), *([TimeLimitCB(minutes)] if minutes else []),
            CheckpointCB(ckpt, every=max(steps // 4, 100), keep=2),
@@ -432,7 +459,8 @@ def _train_cli(a):
     src, split = parse_source(a.data)
     tsrc, tsplit = parse_source(a.test) if a.test else (None, None)
     m = train_flow(src, a.split or split, tsrc, tsplit, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.init, a.lift_width, a.lift_depth,
-                   a.prior_width, a.prior_depth, a.K, a.minutes, a.ckpt, a.out, a.code_images, a.streams, a.sr_images, a.device, a.seed, a.experiment)
+                   a.prior_width, a.prior_depth, a.K, a.minutes, a.ckpt, a.out, a.code_images, a.streams, a.sr_images, a.device, a.seed, a.experiment,
+                   a.per_image_files)
     print(json.dumps(m, indent=2))
     return 0
 
@@ -453,6 +481,7 @@ def add_cli(cmds: dict):
     s.add_argument('--ckpt', default='runs/flow', help='checkpoint folder (re-running resumes; model.pt is written here)')
     s.add_argument('--out', default='figures/flow', help='results folder')
     s.add_argument('--code-images', type=int, default=1000, help='test images coded to a real file')
+    s.add_argument('--per-image-files', type=int, help='of those, how many are also coded one per file, the comparison with PNG/WebP (default: all)')
     s.add_argument('--streams', type=int, default=256, help='interleaved rANS streams')
     s.add_argument('--sr-images', type=int, default=256)
     s.add_argument('--experiment', default='flow'); s.add_argument('--device'); s.add_argument('--seed', type=int, default=0)
@@ -463,3 +492,45 @@ def add_cli(cmds: dict):
         s.add_argument('file'); s.add_argument('-o', '--output', required=True)
         s.add_argument('--model', dest='weights', help='flow weights written by wavenb train flow (default: $WAVENB_FLOW_MODEL or runs/flow/model.pt)')
         s.set_defaults(fn=fn)
+
+# %% ../nbs/41_codec.ipynb #fff19d78
+def _vs(a: float, b: float) -> str:
+    "How much smaller (or larger) `a` is than `b`, in percent."
+    p = 100 * (1 - a / b)
+    return f"{abs(p):.1f}% {'smaller' if p >= 0 else 'larger'}"
+
+def flow_report(folder, baselines=None) -> str:
+    "Markdown summary of a `wavenb train flow` result folder: every codec one file per image, the flow's own rates, super-resolution."
+    from wavenb.metrics import read_results, provenance
+    r, name = read_results(folder), Path(folder).name
+    m, new = r['metrics'], 'per_image_bpd' in r['metrics']
+    b = read_results(baselines) if baselines and not new else None
+    if not new and b is None: raise ValueError(f'{name} predates per-image files for every codec: pass the baselines re-measured for it')
+    if b is not None and (name not in b['runs'] or b['test_dataset']['sha256'] != r['config']['test_sha256']):
+        raise ValueError(f'{baselines} was not measured on the images of {name}')
+    per, k = (m['per_image_bpd'], m['per_image_files']) if new else (dict(flow=m['bpd_single_image_files'], **b['metrics']['per_image_bpd']), b['metrics']['per_image_files'])
+    out = [f"**{name}** ({r['dataset']['name']} -> {r['test_dataset']['name']}): {provenance(r)}", '',
+           f'| one file per image, headers included ({k} test images) | bits/dim |', '|---|---|',
+           *(f'| {label} | {per[c]:.3f} |' for label, c in (('flow', 'flow'), ('WebP lossless (Pillow, method 6)', 'webp_lossless'), ('PNG (Pillow, optimize, level 9)', 'png'))), '',
+           f"The flow's files are {_vs(per['flow'], per['webp_lossless'])} than WebP lossless and {_vs(per['flow'], per['png'])} than PNG. "
+           f"Flow only: {m['bpd_model_fp32']:.3f} bits/dim (the training network, float32, all {m['test_images']} test images), {m['bpd_theoretical']:.3f} "
+           f"theoretical and {m['bpd_file']:.3f} as one file of all {m['coded_images']} coded images ({m['streams']} interleaved streams; "
+           f"{m['file_overhead_pct']:+.2f}% over theoretical: the coder's overhead, not a comparison, as PNG/WebP have no such file here); "
+           f"coder speed on the CPU: {m['encode_images_per_s_cpu']} images/s encode, {m['decode_images_per_s_cpu']} decode."]
+    if not new: out.append(f"*Superseded:* the run reported the flow as {_vs(m['bpd_file'], m['bpd_webp_lossless'])} than WebP lossless, from its one "
+                           f"{m['coded_images']}-image file ({m['bpd_file']:.3f}) against {m['coded_images']} separate WebP files ({m['bpd_webp_lossless']:.3f}): not like for like.")
+    rows = [(k2, k2, m) for k2 in ('flow T=0', 'flow T=1', 'bicubic', 'nearest') if k2 in m['sr_x2']] if new else [
+        ('flow T=0 (the run)', 'flow T=0', m), ('flow T=1 (the run)', 'flow T=1', m),
+        ('bicubic, LeGall 5/3 LL on its grid (re-measured)', 'bicubic', b['metrics']), ('nearest, same LL and grid (re-measured)', 'nearest', b['metrics']),
+        ('*superseded:* bicubic as the run reported (its LL, block-centre grid)', 'bicubic', m),
+        ('bicubic, LeGall 5/3 LL, block-centre grid (to compare the two LLs)', 'bicubic_block_centres', b['metrics'])]
+    fmt = lambda d, f, key: f"{d[f][key]['psnr']:.2f} dB, {d[f][key]['ssim']:.3f}"
+    out += ['', '| super-resolution from the LL | x2: PSNR, SSIM | x4: PSNR, SSIM |', '|---|---|---|',
+            *(f"| {label} | {fmt(d, 'sr_x2', key)} | {fmt(d, 'sr_x4', key)} |" for label, key, d in rows)]
+    if not new:
+        bm = b['metrics']
+        out += ['', f"The run's bicubic put the LL samples at block centres, half a pixel (x2) and 1.5 pixels (x4) from where LeGall-style lifting puts them, "
+                f"so its margins over bicubic are superseded. The corrected baseline needs the run's own LL, which went with its weights: on the old grid "
+                f"the LeGall 5/3 LL scores {bm['sr_x2']['bicubic_block_centres']['psnr']:.2f} dB at x2 where the run's LL scored {m['sr_x2']['bicubic']['psnr']:.2f} dB, "
+                f"so the two are not interchangeable, and flow vs bicubic for this run stays open until a run measures both on the model's own LL."]
+    return '\n'.join(out)

@@ -15,7 +15,7 @@ from torch import nn, Tensor
 __all__ = ['LIFTING', 'rct', 'irct', 'all_colours', 'round_half_up', 'round_ste', 'no_round', 'ConvNet', 'Lift', 's_transform',
            'legall53', 'max_levels', 'level_sizes', 'WaveletFlowTransform', 'flow_jacobian', 'logistic_mixture_logp',
            'logistic_mixture_sample', 'BandPrior', 'WaveletFlow', 'save_flow', 'load_flow', 'IntCollate', 'bpd_loss',
-           'analysis_filters', 'frequency_response', 'plot_filters']
+           'analysis_filters', 'frequency_response', 'plot_filters', 'll_offset', 'll_grid']
 
 # %% ../nbs/40_flow.ipynb #8a79a466
 def _floor4(t: Tensor) -> Tensor: return torch.div(t, 4, rounding_mode='floor')
@@ -288,8 +288,9 @@ class WaveletFlow(nn.Module):
     def sample(self, n: int, size: tuple = (32, 32), temperature: float = 1.0, generator=None, device=None) -> Tensor:
         "Generate `n` images of `size` from the prior, coarsest level first; uint8 (clamped)."
         L = self.n_levels(*size)
-        dev = device or next(self.parameters()).device
-        coarse = logistic_mixture_sample(*self.prior.coarse_params(torch.zeros(n, self.transform.channels, *level_sizes(*size, L)[-1], device=dev)),
+        p = next(self.parameters())
+        dev = device or p.device
+        coarse = logistic_mixture_sample(*self.prior.coarse_params(torch.zeros(n, self.transform.channels, *level_sizes(*size, L)[-1], device=dev, dtype=p.dtype)),
                                          temperature, generator)
         x = self.super_resolve(coarse, L - 1, size, temperature, generator) if L else coarse
         return x.clamp(0, 255).to(torch.uint8)
@@ -332,7 +333,7 @@ def analysis_filters(f: WaveletFlowTransform, x: Tensor | None = None, size: int
     "Effective one-level analysis filters (LL, LH, HL, HH) of channel `channel`: Jacobian rows at a centre coefficient."
     C = f.channels
     x = torch.full((C, size, size), 128., dtype=torch.float64) if x is None else x.double()
-    f = copy.deepcopy(f).double()
+    f = copy.deepcopy(f).cpu().double()
     def one_level(v):
         LL, bands = f.split(v.view(1, C, size, size), rnd=no_round)
         return torch.stack([LL, *bands])[:, 0, channel, size // 4, size // 4]
@@ -359,3 +360,17 @@ def plot_filters(flows: dict, path=None):
     fig.tight_layout()
     if path: fig.savefig(path, bbox_inches='tight'); plt.close(fig)
     return fig
+
+# %% ../nbs/40_flow.ipynb #48900bb9
+def ll_offset(f: WaveletFlowTransform, size: int = 64) -> tuple[float, float]:
+    "(rows, columns): where one level's LL coefficient n sits, minus 2n, in input samples: the centroid of its effective filter."
+    k = analysis_filters(f, size=size)['LL']
+    gain = k.sum().item()
+    if abs(gain) < 1e-6: raise ValueError(f'the LL filter has gain {gain:.2e}: its coefficients are not samples of the image')
+    pos = torch.arange(size, dtype=k.dtype) - 2 * (size // 4)      # input positions relative to the centre coefficient's even sample
+    return (k.sum(1) @ pos).item() / gain, (k.sum(0) @ pos).item() / gain
+
+def ll_grid(f: WaveletFlowTransform, level: int = 0) -> tuple[int, tuple[float, float]]:
+    "LL sample (i, j) of `level` (0: half resolution) sits at pixel (s i + oy, s j + ox): returns (s, (oy, ox)), s = 2^(level+1)."
+    s, (dy, dx) = 2 ** (level + 1), ll_offset(f)
+    return s, ((s - 1) * dy, (s - 1) * dx)
