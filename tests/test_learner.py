@@ -163,3 +163,21 @@ def test_ema_copies_state_buffers_and_averages_running_stats():
     torch.testing.assert_close(e.bn.running_mean, track.mean)
     assert not torch.equal(e.bn.running_mean, m.bn.running_mean)   # averaged, not copied
     assert torch.isfinite(torch.tensor(L.evaluate(e, ds)['loss']))
+
+def test_time_budget_cosine_starts_where_the_warmup_ends(monkeypatch):
+    "A slow first step (compilation) must not make the LR drop at the end of the warmup: the cosine runs over the time left."
+    import types, wavenb.learner as Lmod
+    from wavenb.learner import TimeLimitCB
+    clock = iter(range(10 ** 7))
+    fake = lambda: next(clock) / 64              # every reading of the clock advances 1/64 s
+    monkeypatch.setattr(Lmod, 'time', types.SimpleNamespace(time=fake, perf_counter=fake))
+    class Compile(Callback):
+        def after_step(self):
+            if self.learn.step == 1: self.learn.train_time += 0.6    # the first step took 30% of the 2-second budget
+    L = Learner(nn.Linear(3 * 32 * 32, 10), load_images(), lambda p, y: F.cross_entropy(p, y), batch_size=8, lr=1e-3,
+                collate=lambda b: (torch.stack([x.flatten().float() / 255 for x, _ in b]), torch.tensor([y for _, y in b])),
+                cbs=[LRScheduleCB(warmup=10, minutes=2 / 60), TimeLimitCB(2 / 60), Compile()], device='cpu')
+    L.fit(10 ** 5)
+    lr = L.history['lr']
+    assert max(lr) == pytest.approx(1e-3) and lr[-1] < 0.01 * max(lr) and L.step < 10 ** 5
+    assert max(abs(b - a) for a, b in zip(lr, lr[1:])) <= 1e-4 * 1.001    # no step larger than a warmup step

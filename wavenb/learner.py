@@ -274,18 +274,22 @@ class LRScheduleCB(Callback):
     "Linear warmup + cosine decay over the steps of `fit` (or `total`), or over a training-time budget of `minutes`."
     order = -10
     def __init__(self, warmup: int = 100, total: int | None = None, final: float = 0.0, minutes: float | None = None):
-        self.warmup, self.total, self.final, self.minutes = warmup, total, final, minutes
+        self.warmup, self.total, self.final, self.minutes, self.t_warm = warmup, total, final, minutes, None
     def mult(self, s: int) -> float:
         if self.minutes is None or s < self.warmup: return warmup_cosine(s, self.warmup, self.total or self.learn.max_steps, self.final)
-        t = min(1.0, self.learn.train_time / (60 * self.minutes))   # the fraction of the time budget used (checkpointed, so resume is exact)
+        if self.t_warm is None: self.t_warm = self.learn.train_time     # warmup ends now: the cosine starts at 1 from here
+        # $t = (\text{train time} - t_w) / (\text{budget} - t_w)$, $\text{mult} = f + (1 - f)\,\frac{1 + \cos \pi t}{2}$
+        t = min(1.0, (self.learn.train_time - self.t_warm) / max(60 * self.minutes - self.t_warm, 1e-9))
         return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * t))
     def before_fit(self):
         if getattr(self, 'sched', None) is None: self.sched = torch.optim.lr_scheduler.LambdaLR(self.learn.opt, self.mult)
         self.learn.history.setdefault('lr', [])
     def after_step(self):
         self.learn.history['lr'].append(self.learn.opt.param_groups[0]['lr']); self.sched.step()
-    def state_dict(self): return self.sched.state_dict()
-    def load_state_dict(self, sd): self.sched.load_state_dict(sd)
+    def state_dict(self): return dict(sched=self.sched.state_dict(), t_warm=self.t_warm)   # train_time is checkpointed: exact resume
+    def load_state_dict(self, sd):
+        if 'sched' not in sd: sd = dict(sched=sd, t_warm=0.0)    # a checkpoint from before `t_warm`: its cosine ran over the whole budget
+        self.sched.load_state_dict(sd['sched']); self.t_warm = sd['t_warm']
 
 class TimeLimitCB(Callback):
     "End `fit` cleanly once the training time (`learn.train_time`, evaluation excluded) reaches `minutes`."
