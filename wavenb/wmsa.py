@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .haar import dwt2_stacked, filter_bank
 from .data import Collate, to_float
-from .learner import Callback, LRScheduleCB, warmup_cosine
+from .learner import Callback
 
 # %% auto #0
 __all__ = ['ORIENTATIONS', 'SIZES', 'CLAIMED_PARAMS', 'token_bands', 'token_count', 'WaveletTokenizer', 'sinusoidal_2d',
            'ScaleAwarePE', 'box_overlap', 'log_kernel_mask', 'WaveletKernel', 'Attention', 'Block',
            'WaveletTransformer', 'ViT', 'n_params', 'attention_weights', 'plot_attention', 'AugCollate', 'MixCB',
-           'WarmupCosineCB', 'TimeBudgetCB', 'adamw_groups', 'count_flops', 'inference_throughput', 'build_classifier',
-           'train_classifier', 'load_classifier', 'eval_classifier', 'results_table', 'add_cli']
+           'adamw_groups', 'count_flops', 'inference_throughput', 'build_classifier', 'train_classifier',
+           'load_classifier', 'eval_classifier', 'results_table', 'add_cli']
 
 # %% ../nbs/30_wmsa.ipynb #cab9d94e
 ORIENTATIONS = ('A', 'H', 'V', 'D')   # LL, LH (pywt cH), HL (cV), HH (cD): the index along dwt2_stacked's band axis
@@ -290,34 +290,6 @@ class MixCB(Callback):
     def before_batch(self):
         if torch.rand(()) < self.p: self.learn.batch = tuple(self.tf(*self.learn.batch))
 
-class WarmupCosineCB(LRScheduleCB):
-    "Linear warmup over a fraction `warmup` of the run, then cosine to 0; follows `learn.max_steps` if a callback changes it."
-    def __init__(self, warmup: float = 0.05): super().__init__(); self.frac = warmup
-    def before_fit(self):
-        L = self.learn
-        if getattr(self, 'sched', None) is None:
-            self.sched = torch.optim.lr_scheduler.LambdaLR(L.opt, lambda s: warmup_cosine(s, max(1, int(self.frac * L.max_steps)), L.max_steps))
-        L.history.setdefault('lr', [])
-
-class TimeBudgetCB(Callback):
-    "End `fit` about `seconds` after it starts: time `probe` steps (default: one epoch + 5, so the loader's restart is included) after `skip` warm-up steps, then set `learn.max_steps`."
-    order = -20
-    def __init__(self, seconds: float, skip: int = 10, probe: int | None = None, margin: float = 0.9, on_decide=None):
-        self.seconds, self.skip, self.probe, self.margin, self.on_decide = seconds, skip, probe, margin, on_decide
-    def _now(self):
-        if self.learn.device.type == 'cuda': torch.cuda.synchronize(self.learn.device)
-        return time.time()
-    def before_fit(self):
-        self.t0, self.s0, self.t1 = time.time(), self.learn.step, None
-        if self.probe is None: self.probe = max(40, self.learn.sampler.batches_per_epoch + 5)
-    def after_batch(self):
-        L, n = self.learn, self.learn.step - self.s0
-        if n == self.skip: self.t1 = self._now()
-        elif n == self.skip + self.probe and self.t1 is not None:
-            t = self._now(); per_step = (t - self.t1) / self.probe
-            L.max_steps = min(L.max_steps, L.step + max(0, int(self.margin * (self.seconds - (t - self.t0)) / per_step)))
-            if self.on_decide is not None: self.on_decide(L.max_steps)
-
 def adamw_groups(model: nn.Module):
     "An `opt_func` for the Learner: AdamW, weight decay only on weight matrices (not biases, norms, embeddings, kernels)."
     def opt(params, lr, weight_decay):
@@ -376,14 +348,17 @@ def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None
                      heads: int | None = None, levels: int = 3, wavelet: str = 'haar', overcomplete: bool = False,
                      ll_pool: int | None = None, patch: int = 1, kernel: bool = True, radius: float = 3.0, vit_patch: int = 4,
                      drop_path: float = 0.1, steps: int = 2000, minutes: float | None = None, batch_size: int = 128,
-                     lr: float = 1e-3, warmup: float = 0.05, weight_decay: float = 0.05, label_smoothing: float = 0.1,
+                     lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.05, label_smoothing: float = 0.1,
                      policy: str = 'trivial', mix: float = 0.0, ema: float = 0.0, valid_size: int | None = None,
                      eval_every: int = 500, ckpt='runs/wmsa', ckpt_every: int = 1000, out='figures/wmsa', device=None,
                      seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
     "Train a W-MSA or ViT classifier with the CIFAR recipe; evaluate once on `test` at the end; write `out/metrics.json`."
     from wavenb.data import load_images
-    from wavenb.learner import Learner, GradClipCB, EMACB, EvalCB, CheckpointCB, ProgressCB, ResultsCB, save_config
+    from wavenb.learner import Learner, LRScheduleCB, TimeLimitCB, GradClipCB, EMACB, EvalCB, CheckpointCB, ProgressCB, ResultsCB, save_config
     from wavenb.metrics import accuracy, dataset_info
+    if isinstance(warmup, bool) or int(warmup) != warmup or warmup < 0: raise ValueError(f'warmup is a number of steps (an integer >= 0), got {warmup!r}')
+    if minutes is not None and not minutes > 0: raise ValueError(f'minutes must be > 0, got {minutes!r}')
+    warmup = int(warmup)
     ds = load_images(data, split, size=resize)
     nv = valid_size if valid_size is not None else min(5000, len(ds) // 10)
     if not 0 < nv < len(ds) - batch_size: raise ValueError(f'valid_size {nv} leaves too few of the {len(ds)} training images for batches of {batch_size}')
@@ -399,10 +374,6 @@ def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None
     model = build_classifier(cfg)
     if kind == 'wmsa': model.tok.fit_scales(to_float(train.images[:5000], 'symmetric'))   # per-band scales (a buffer; a resumed run reloads them)
     out, loss = Path(out), _ce(label_smoothing)
-
-    def decided(n):
-        cfg['decided_steps'] = n; save_config(ckpt, cfg, may_change=('steps', 'decided_steps'))
-        print(f'time budget {minutes} min: training for {n} steps')
 
     def finish(L) -> dict:
         m = L.ema_model if L.ema_model is not None else L.raw_model
@@ -423,17 +394,16 @@ def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None
                                      title=f'W-MSA {size}: attention of the last block, one validation image'))
         return r
 
-    cbs = [WarmupCosineCB(warmup), GradClipCB(1.0), EvalCB(eval_every, metrics=dict(acc=accuracy)), ProgressCB(every=20),
+    cbs = [LRScheduleCB(warmup, minutes=minutes), GradClipCB(1.0), EvalCB(eval_every, metrics=dict(acc=accuracy)), ProgressCB(every=20),
            CheckpointCB(ckpt, every=ckpt_every, keep=1),
            ResultsCB(out, dataset=train, metrics_fn=finish, experiment=kind, config=cfg, valid=dataset_info(valid))]
     if ema: cbs.append(EMACB(ema))
     if mix: cbs.append(MixCB(len(ds.classes), mix))
-    total = cfg.get('decided_steps', steps)
-    if minutes and 'decided_steps' not in cfg: cbs.append(TimeBudgetCB(60 * minutes, on_decide=decided))
+    if minutes: cbs.append(TimeLimitCB(minutes))
     learn = Learner(model, train, loss, batch_size=batch_size, valid_ds=valid, collate=AugCollate(policy), valid_collate=Collate('symmetric'),
                     lr=lr, opt_func=adamw_groups(model), seed=seed, device=device, compile=compile, num_workers=workers,
                     weight_decay=weight_decay, cbs=cbs)
-    learn.fit(total)
+    learn.fit(steps)
     return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
 
 def load_classifier(ckpt, device='cpu') -> tuple[nn.Module, dict]:
@@ -529,10 +499,10 @@ def add_cli(cmds: dict):
         else:
             s.add_argument('--vit-patch', type=int, default=4, help='patch size')
             s.set_defaults(levels=3, wavelet='haar', overcomplete=False, ll_pool=None, patch=1, no_kernel=False, radius=3.0)
-        s.add_argument('--steps', type=int, default=2000, help='training steps (with --minutes: an upper bound)')
-        s.add_argument('--minutes', type=float, help='time budget: set the number of steps from the measured speed')
+        s.add_argument('--steps', type=int, default=2000, help='training steps (with --minutes: a cap)')
+        s.add_argument('--minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (--steps is then a cap)')
         s.add_argument('--batch-size', type=int, default=128); s.add_argument('--lr', type=float, default=1e-3)
-        s.add_argument('--warmup', type=float, default=0.05, help='warmup fraction of the steps')
+        s.add_argument('--warmup', type=int, default=100, help='linear LR warmup steps')
         s.add_argument('--weight-decay', type=float, default=0.05); s.add_argument('--label-smoothing', type=float, default=0.1)
         s.add_argument('--policy', choices=['trivial', 'randaug', 'none'], default='trivial', help='augmentation after crop + flip')
         s.add_argument('--mix', type=float, default=0.0, help='probability of MixUp/CutMix per batch')
