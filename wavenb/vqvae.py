@@ -270,9 +270,10 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
     if test.shape != ds.shape: raise ValueError(f'test images are {test.shape}, training images {ds.shape}')
     ckpt, out = Path(ckpt), Path(out)
     cfg = dict(shape=list(ds.shape), levels=levels, wavelet=wavelet, K=K, D=D, width=width, down=down, n_res=n_res, beta=beta,
-               decay=decay, dead_below=dead_below, weighting=weighting, data=ds.name, data_sha256=ds.checksum)
+               decay=decay, dead_below=dead_below, weighting=weighting, data=ds.name, data_sha256=ds.checksum, size=size,
+               holdout=None if test_data else holdout, split_seed=None if test_data else seed, test=test.name, test_sha256=test.checksum)
     model = build_vqvae(cfg)                                   # validates the options before anything is written
-    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration
+    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration (and these training and test images)
     sub = ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:10_000]]
     model.fit_band_std(to_float(sub, 'symmetric'))           # (a resumed run loads the same buffer from its checkpoint)
 
