@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from wavenb.data import load_images, Collate, to_float
 from wavenb.learner import Learner
-from wavenb.diffusion import (Schedule, WaveletSpace, DiffusionCB, sample, ddim_invert, ddim_steps, target,
+from wavenb.diffusion import (Schedule, WaveletSpace, DiffusionCB, sample, ddim_invert, ddim_steps, target, time_to_fid,
                               PREDICTIONS)
 
 @pytest.mark.parametrize('kind', ['linear', 'cosine'])
@@ -75,7 +75,45 @@ def test_ddim_inversion_roundtrip_and_determinism(pred):
     with pytest.raises(ValueError, match='noise has shape'): sample(model, sched, (2, 3, 8, 8), noise=torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match='sampler'): sample(model, sched, (2, 3, 8, 8), sampler='euler')
 
-def test_training_through_the_learner_lowers_the_loss():
+def fitted_space(level, wavelet):
+    "A wavelet space with per-band scales fitted on real images: the detail bands get small scales, so latents reach far beyond [-1, 1]."
+    sp = WaveletSpace(3, level, wavelet)
+    sp.fit_scales(to_float(load_images(limit=256).images[:, :, :16, :16], 'symmetric'))
+    return sp
+
+WAVELET_SPACES = [(1, 'haar'), (2, 'haar'), (2, 'db2')]
+
+@pytest.mark.parametrize('level,wavelet,sampler,steps', [(l, w, 'ddim', 20) for l, w in WAVELET_SPACES] +
+                         [(l, w, 'ddpm', None) for l, w in WAVELET_SPACES if w == 'haar'])   # (db2 DDPM: 1000 slower steps, same path)
+@pytest.mark.parametrize('pred', PREDICTIONS)
+def test_samplers_recover_a_point_mass_in_wavelet_space(level, wavelet, sampler, steps, pred, one_thread):
+    "The optimal denoiser acts on the scaled coefficients; clipping is decode, clamp in pixels, encode (a clamp of the latents would move them)."
+    sched, sp = Schedule(1000, 'linear'), fitted_space(level, wavelet)
+    m = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    mz = sp.encode(m)
+    assert mz.abs().max() > 3                           # so clamping in the space instead of in pixels would show
+    model = Exact(mz, sched, pred)
+    out = sample(model, sched, (3, 3, 16, 16), sp, sampler, steps or 50, pred=pred, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 16, 16) and (out - m).abs().max() < 1e-3
+    big = m * 2                                         # over a third of it outside [-1, 1]: the last clipped x0 is the clamped image
+    out = sample(Exact(sp.encode(big), sched, pred), sched, (2, 3, 16, 16), sp, sampler, steps or 50, pred=pred,
+                 generator=torch.Generator().manual_seed(0))
+    assert (out - big.clamp(-1, 1)).abs().max() < 1e-3
+
+@pytest.mark.parametrize('level,wavelet', WAVELET_SPACES)
+@pytest.mark.parametrize('pred', PREDICTIONS)
+def test_ddim_inversion_roundtrip_in_wavelet_space(level, wavelet, pred, one_thread):
+    sched, sp = Schedule(1000, 'cosine'), fitted_space(level, wavelet)
+    m = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    model = Exact(sp.encode(m), sched, pred)
+    zT = ddim_invert(model, sched, m.expand(2, -1, -1, -1), sp, steps=30, pred=pred)
+    assert zT.shape == sp.latent_shape((2, 3, 16, 16)) and torch.isfinite(zT).all()
+    for clip in (False, True):
+        back = sample(model, sched, (2, 3, 16, 16), sp, steps=30, pred=pred, noise=zT, clip=clip)
+        assert (back - m).abs().max() < 1e-4, clip
+    with pytest.raises(ValueError, match='noise has shape'): sample(model, sched, (2, 3, 16, 16), sp, noise=torch.zeros(2, 3, 16, 16))
+
+def test_training_through_the_learner_lowers_the_loss(one_thread):
     ds = load_images(limit=512)
     sched, space = Schedule(200, 'cosine'), WaveletSpace(3, 1)
     space.fit_scales(to_float(ds.images, 'symmetric'))
@@ -94,7 +132,9 @@ def test_training_through_the_learner_lowers_the_loss():
     assert sum(h[-20:]) / 20 < 0.8 * sum(h[:20]) / 20
 
 def test_cli_train_resume_sample(tmp_path):
+    from functools import partial
     from conftest import run_cli
+    run_cli = partial(run_cli, env=dict(OMP_NUM_THREADS='1'))   # tiny convolutions: one thread is faster on a shared CPU
     args = ['train', 'diffusion', '--width', '16', '--blocks', '1', '--batch-size', '16', '--warmup', '2', '--sample-steps', '3',
             '--ckpt', tmp_path / 'ck', '--out', tmp_path / 'res', '--ckpt-every', '5', '--backbone', 'ukan']
     r = run_cli(*args, '--steps', '6')
@@ -113,7 +153,7 @@ class ConvDenoiser(nn.Module):
     def __init__(self): super().__init__(); self.c = nn.Conv2d(12, 12, 3, padding=1)
     def forward(self, x, t): return self.c(x)
 
-def test_fid_curve_survives_resume(tmp_path):
+def test_fid_curve_survives_resume(tmp_path, one_thread):
     "The FID curve is checkpointed: a resumed run keeps its earlier points and adds new ones at the right steps."
     from wavenb.diffusion import FIDCurveCB
     from wavenb.learner import CheckpointCB, EMACB
@@ -150,22 +190,78 @@ def test_time_budget_band_scaling_and_matched_ukan(tmp_path):
     with pytest.raises(FileNotFoundError, match='FID network not found'):
         train_diffusion('sample', steps=1, ckpt=tmp_path / 'ck2', out=tmp_path / 'res2', eval_samples=10, fid_weights=tmp_path / 'missing.pt')
 
-def test_cli_bench_and_eval(tmp_path):
+def write_results(folder, space, final_fid, curve_fids, times, ips, n=2000, sha='ab' * 32, net='inception-v3'):
+    "A results folder as train_diffusion writes it: the FID curve at `n` samples per point, the final FID at 10k samples."
+    import json
+    folder.mkdir(parents=True)
+    curve = [dict(step=100 * (i + 1), train_time_s=t, images_seen=0, fid=f, kid=0.0, samples=n, reference='CIFAR-10 train', feature_net=net)
+             for i, (t, f) in enumerate(zip(times, curve_fids))]
+    m = dict(fid=final_fid, kid=0.0, fid_samples=10_000, fid_feature_net=net, fid_curve=curve, fid_curve_samples=n,
+             fid_curve_feature_net=net, fid_curve_reference=dict(name='CIFAR-10 train', sha256=sha, images=50_000))
+    (folder / 'metrics.json').write_text(json.dumps(dict(steps=curve[-1]['step'], parameters=2e6, images_per_s=ips, train_time_s=times[-1],
+                                                         config=dict(space=space, levels=1, backbone='unet'), metrics=m)))
+
+def test_cli_bench_and_eval(tmp_path, one_thread):
+    """The target is the reference's last FID-curve point (2k samples), not its final FID-10k (lower: FID is biased upward at small N),
+    and the reference's own time is its time to that target, not its whole training time."""
     from conftest import run_cli
     import json
     r = run_cli('eval', 'diffusion', tmp_path / 'none')
     assert r.returncode == 2 and 'metrics.json' in r.stderr
-    for name, fids, ips in (('pixel', [20.0, 10.0], 100.0), ('wavelet', [9.5, 8.0], 400.0)):
-        (tmp_path / name).mkdir()
-        curve = [dict(step=i, train_time_s=60.0 * (i + 1), fid=f, kid=0.0) for i, f in enumerate(fids)]
-        (tmp_path / name / 'metrics.json').write_text(json.dumps(dict(parameters=2e6, images_per_s=ips, train_time_s=120.0,
-                                                      config=dict(space=name, levels=1, backbone='unet'), metrics=dict(fid=fids[-1], fid_curve=curve))))
+    # pixel: final FID-10k 8.0; its 2k curve dips to 11.4 at 200 s, ends at 11.5 at 300 s. wavelet: first <= 11.5 at 150 s.
+    write_results(tmp_path / 'pixel', 'pixel', 8.0, [30.0, 11.4, 11.5], [100.0, 200.0, 300.0], 100.0)
+    write_results(tmp_path / 'wavelet', 'wavelet', 6.5, [20.0, 12.0, 11.0, 9.5], [50.0, 100.0, 150.0, 300.0], 400.0)
     r = run_cli('eval', 'diffusion', tmp_path / 'pixel', tmp_path / 'wavelet', '--out', tmp_path / 'cmp')
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads((tmp_path / 'cmp' / 'metrics.json').read_text())['metrics']['rows']
-    assert [x['speedup'] for x in rows] == [1.0, 2.0] and (tmp_path / 'cmp' / 'fid_vs_time.png').is_file()
+    res = json.loads((tmp_path / 'cmp' / 'metrics.json').read_text())['metrics']
+    rows = res['rows']
+    assert [x['min_to_ref_fid'] for x in rows] == [round(200 / 60, 2), round(150 / 60, 2)]
+    assert [x['speedup_to_ref_fid'] for x in rows] == [1.0, round(200 / 150, 2)]
+    assert [x['throughput_ratio'] for x in rows] == [1.0, 4.0]
+    assert res['target_fid'] == 11.5 and res['fid_curve_samples'] == 2000 and [x['fid'] for x in rows] == [8.0, 6.5]
+    assert (tmp_path / 'cmp' / 'fid_vs_time.png').is_file()
+    from wavenb.diffusion import compare_runs
+    rows = compare_runs([tmp_path / 'wavelet', tmp_path / 'pixel'])             # the other way round: wavelet is the reference
+    assert rows[0]['target_fid'] == 9.5 and rows[0]['min_to_ref_fid'] == 5.0 and rows[1]['min_to_ref_fid'] is None
+    # curves measured with another sample count, against other reference statistics or with another network are refused
+    write_results(tmp_path / 'w500', 'wavelet', 6.5, [20.0, 9.0], [50.0, 100.0], 400.0, n=500)
+    write_results(tmp_path / 'wsvhn', 'wavelet', 6.5, [20.0, 9.0], [50.0, 100.0], 400.0, sha='cd' * 32)
+    write_results(tmp_path / 'wnet', 'wavelet', 6.5, [20.0, 9.0], [50.0, 100.0], 400.0, net='random-features')
+    with pytest.raises(ValueError, match='not comparable.*500 samples'): compare_runs([tmp_path / 'pixel', tmp_path / 'w500'])
+    for other in ('wsvhn', 'wnet'):
+        with pytest.raises(ValueError, match='not comparable'): compare_runs([tmp_path / 'pixel', tmp_path / other])
+    m = json.loads((tmp_path / 'pixel' / 'metrics.json').read_text())
+    del m['metrics']['fid_curve_reference']; (tmp_path / 'old').mkdir(); (tmp_path / 'old' / 'metrics.json').write_text(json.dumps(m))
+    with pytest.raises(ValueError, match='does not record'): compare_runs([tmp_path / 'old', tmp_path / 'pixel'])
+    m['metrics']['fid_curve'] = []; (tmp_path / 'old' / 'metrics.json').write_text(json.dumps(m))
+    with pytest.raises(ValueError, match='no FID curve'): compare_runs([tmp_path / 'old'])
+    m = json.loads((tmp_path / 'pixel' / 'metrics.json').read_text()); m['steps'] = 400   # a reference curve that stops before the end
+    (tmp_path / 'old' / 'metrics.json').write_text(json.dumps(m))
+    with pytest.raises(ValueError, match='not at its last training step'): compare_runs([tmp_path / 'old', tmp_path / 'pixel'])
     from wavenb.diffusion import bench_diffusion
     rows = bench_diffusion({'t': dict(channels=12, size=8, width=8, mults=(1, 2), mix_levels=(1,))}, impls=('wavenb',), batch_sizes=(2,),
                            device='cpu', steps=1, warmup=1)
     assert rows[0]['params'] > 0 and rows[0]['train_images_per_s'] > 0
     with pytest.raises(ValueError, match='impl'): bench_diffusion(impls=('keras',), device='cpu')
+
+def test_train_diffusion_fid_curve_and_final_fid(tmp_path, one_thread):
+    "The FID paths run end to end (random feature network): finite values, the right counts, a last curve point at the end of training."
+    import json
+    from wavenb.diffusion import train_diffusion, compare_runs
+    from wavenb.metrics import RandomFeatures
+    net = RandomFeatures()
+    train_diffusion('sample', steps=6, batch_size=8, width=16, blocks=1, warmup=2, sample_steps=2, ckpt=tmp_path / 'ck', out=tmp_path / 'res',
+                    fid_net=net, fid_every=4, fid_curve_samples=12, eval_samples=20, device='cpu')
+    r = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    m, sha = r['metrics'], load_images().checksum
+    assert math.isfinite(m['fid']) and math.isfinite(m['kid']) and m['fid'] >= 0
+    assert (m['fid_samples'], m['fid_feature_net'], m['fid_reference_sha256']) == (20, net.ident, sha)
+    c = m['fid_curve']
+    assert [p['step'] for p in c] == [4, 6] and r['steps'] == 6                 # every 4 steps, and at the end of training
+    assert all(math.isfinite(p['fid']) and p['samples'] == 12 and p['feature_net'] == net.ident for p in c)
+    assert c[0]['train_time_s'] < c[1]['train_time_s'] and abs(c[-1]['train_time_s'] - r['train_time_s']) < 0.01
+    assert m['fid_curve_samples'] == 12 and m['fid_curve_reference']['sha256'] == sha and m['fid_curve_feature_net'] == net.ident
+    assert (tmp_path / 'res' / 'fid_vs_time.png').is_file()
+    rows = compare_runs([tmp_path / 'res', tmp_path / 'res'])
+    assert rows[0]['target_fid'] == c[-1]['fid'] and rows[0]['fid_curve_samples'] == 12
+    assert rows[0]['min_to_ref_fid'] == round(time_to_fid(c, c[-1]['fid']) / 60, 2) and [x['speedup_to_ref_fid'] for x in rows] == [1.0, 1.0]

@@ -182,7 +182,8 @@ class FIDCurveCB(Callback):
             for k in range(0, self.n, self.batch): self.fk.add_fake(to_uint8(self.sample_fn(model, min(self.batch, self.n - k)), 'symmetric'))
         model.train(was)
         r = self.fk.compute()
-        self.curve.append(dict(step=L.step, train_time_s=round(L.train_time, 3), images_seen=L.images_seen, fid=r['fid'], kid=r['kid'], samples=self.n))
+        self.curve.append(dict(step=L.step, train_time_s=round(L.train_time, 3), images_seen=L.images_seen, fid=r['fid'], kid=r['kid'],
+                               samples=r['n_fake'], reference=r['reference'], feature_net=r['feature_net']))
         L.history['fid'] = self.curve
     def after_batch(self):
         if self.learn.step % self.every == 0: self._run()
@@ -192,7 +193,7 @@ class FIDCurveCB(Callback):
     def load_state_dict(self, sd): self.curve = list(sd['curve'])
 
 def time_to_fid(curve: list[dict], target: float) -> float | None:
-    "Training seconds at the first point of `curve` with FID <= `target` (None if never reached)."
+    "Training seconds at the first point of `curve` with FID <= `target` (the first crossing, not interpolated; None if never reached)."
     return next((p['train_time_s'] for p in curve if p['fid'] <= target), None)
 
 # %% ../nbs/51_diffusion.ipynb #51df3a70
@@ -219,18 +220,19 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
                     ckpt_every: int = 1000, out='figures/diffusion', sample_every: int | None = None, eval_samples: int = 0,
                     sample_steps: int = 50, fid_weights=None, device=None, seed: int = 0, compile: bool = False,
                     minutes: float | None = None, fid_every: int | None = None, fid_curve_samples: int = 2000,
-                    band_scaling: bool = True, match_unet: bool = False, mix_levels=None) -> dict:
+                    band_scaling: bool = True, match_unet: bool = False, mix_levels=None, fid_net: nn.Module | None = None) -> dict:
     """Train a pixel- or wavelet-space diffusion model and write samples, checkpoints and `out/metrics.json`.
     `minutes`: training-time budget (cosine LR over it, `steps` only a cap); `fid_every`: an FID curve point every N steps
     (`fid_curve_samples` samples); `band_scaling=False`: wavelet bands left unscaled (ablation); `match_unet`: for
     `backbone='ukan'`, pick the width whose parameter count matches the UNet at `width`; `mix_levels`: the levels with
-    attention / KAN blocks (0 = full resolution; default: the coarsest only)."""
+    attention / KAN blocks (0 = full resolution; default: the coarsest only); `fid_net`: the FID feature network (default:
+    the Inception network of `fid_weights`; `wavenb.metrics.RandomFeatures` for quick checks of the plumbing)."""
     from wavenb.data import load_images, Collate, to_float
     from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, TimeLimitCB, save_config
     from wavenb.metrics import FIDKID, InceptionFeatures, save_grid
     from wavenb.unet import match_width, n_params, UNet
     if space not in ('pixel', 'wavelet'): raise ValueError(f"space must be 'pixel' or 'wavelet', got {space!r}")
-    fid_net = InceptionFeatures(fid_weights) if (eval_samples or fid_every) else None   # fails now, not after training, if missing
+    if fid_net is None and (eval_samples or fid_every): fid_net = InceptionFeatures(fid_weights)   # fails now, not after training, if missing
     ds = load_images(data, split, size=size)
     ckpt, out = Path(ckpt), Path(out)
     zc = (PixelSpace() if space == 'pixel' else WaveletSpace(ds.shape[0], levels, wavelet)).latent_shape((1, *ds.shape))[1]
@@ -265,13 +267,16 @@ def train_diffusion(data: str = 'sample', split: str | None = None, size: int | 
                 n += b
             r = fk.compute()
             res.update(fid=r['fid'], kid=r['kid'], kid_std=r['kid_std'], fid_samples=r['n_fake'], fid_reference=r['reference'],
-                       fid_reference_images=r['n_real'], fid_sampler=f'DDIM {sample_steps} steps, EMA weights')
+                       fid_reference_images=r['n_real'], fid_reference_sha256=ds.checksum, fid_feature_net=r['feature_net'],
+                       fid_sampler=f'DDIM {sample_steps} steps, EMA weights')
         if L.history.get('fid'):
             c = L.history['fid']
-            res['fid_curve'] = c
+            ns = sorted({p['samples'] for p in c})   # one count, unless a resumed run changed --fid-curve-samples
+            res.update(fid_curve=c, fid_curve_samples=ns[0] if len(ns) == 1 else ns, fid_curve_feature_net=fid_net.ident,
+                       fid_curve_reference=dict(name=ds.name, sha256=ds.checksum, images=len(ds)))
             fig, ax = plt.subplots(figsize=(5, 3.2))
             ax.plot([p['train_time_s'] / 60 for p in c], [p['fid'] for p in c], 'o-')
-            ax.set(xlabel='training minutes (evaluation excluded)', ylabel=f'FID ({fid_curve_samples} samples)', title=f'{space} space, {backbone}')
+            ax.set(xlabel='training minutes (evaluation excluded)', ylabel=f'FID ({res["fid_curve_samples"]} samples)', title=f'{space} space, {backbone}')
             fig.tight_layout(); fig.savefig(out / 'fid_vs_time.png', dpi=80); plt.close(fig)
         return res
 
@@ -391,33 +396,59 @@ def format_rows(rows: list[dict], keys=None) -> str:
     return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(str(r.get(k, '')) for k in keys) + ' |' for r in rows])
 
 # %% ../nbs/51_diffusion.ipynb #0fb84673
+def _curve_protocol(folder, r: dict) -> tuple:
+    "(samples per point, reference checksum, feature network) of a results file's FID curve, or a clear error."
+    m, name = r.get('metrics', {}), Path(folder).name
+    c = m.get('fid_curve') or []
+    if not c: raise ValueError(f'{name}: metrics.json has no FID curve (train with --fid-every): the time to a target FID is read from it')
+    ns, nets = {p.get('samples') for p in c}, {p.get('feature_net') for p in c}
+    ref = (m.get('fid_curve_reference') or {}).get('sha256')
+    if None in ns or None in nets or ref is None:
+        raise ValueError(f'{name}: metrics.json does not record how its FID curve was measured (sample count, reference checksum, feature '
+                         'network per point); it was written by an older train_diffusion: re-run it')
+    if len(ns) > 1 or len(nets) > 1:
+        raise ValueError(f'{name}: its FID curve mixes sample counts {sorted(ns)} or feature networks {sorted(nets)}')
+    return ns.pop(), ref, nets.pop()
+
 def compare_runs(folders, reference: int = 0) -> list[dict]:
-    "One row per `train_diffusion` results folder; times to reach the final FID of `folders[reference]`, read from the FID curves."
+    """One row per `train_diffusion` results folder. The target FID is the last FID-curve point of `folders[reference]`;
+    every run's time to it (the reference's included) is the first point of its own curve at or below it."""
     runs = []
     for f in map(Path, folders):
         if not (f / 'metrics.json').is_file(): raise FileNotFoundError(f'no metrics.json in {f}: not a train_diffusion results folder')
         runs.append(json.loads((f / 'metrics.json').read_text()))
+    protos = [_curve_protocol(f, r) for f, r in zip(folders, runs)]
+    if len(set(protos)) > 1:
+        raise ValueError('these FID curves were measured differently, so their FIDs are not comparable: ' + '; '.join(
+            f'{Path(f).name}: {n} samples, reference {ref[:12]}, {net}' for f, (n, ref, net) in zip(folders, protos)))
     ref = runs[reference]
-    target, t_ref = ref['metrics'].get('fid'), ref['train_time_s']
+    rc = ref['metrics']['fid_curve']
+    if ref.get('steps') is not None and rc[-1]['step'] != ref['steps']:
+        raise ValueError(f"the reference's FID curve ends at step {rc[-1]['step']}, not at its last training step {ref['steps']}")
+    target = rc[-1]['fid']
+    t_ref = time_to_fid(rc, target)                # at most its full training time (the last point meets the target)
     rows = []
-    for f, r in zip(folders, runs):
+    for f, r, (n, _, _) in zip(folders, runs, protos):
         m, c = r['metrics'], r.get('config', {})
-        t = time_to_fid(m.get('fid_curve', []), target) if target is not None else None
+        t = time_to_fid(m['fid_curve'], target)
         rows.append(dict(run=Path(f).name, space=c.get('space'), levels=c.get('levels') if c.get('space') == 'wavelet' else None, backbone=c.get('backbone'),
                          params_M=round(r['parameters'] / 1e6, 2), train_images_per_s=r['images_per_s'],
+                         throughput_ratio=round(r['images_per_s'] / ref['images_per_s'], 2),
                          peak_gib=round(r['peak_memory_bytes'] / 2 ** 30, 2) if r.get('peak_memory_bytes') else None,
                          train_min=round(r['train_time_s'] / 60, 2), fid=m.get('fid'), kid=m.get('kid'), fid_samples=m.get('fid_samples'),
-                         sample_s_per_1k=m.get('sample_s_per_1k_images'), min_to_ref_fid=None if t is None else round(t / 60, 2),
-                         speedup=None if not t else round(t_ref / t, 2)))
+                         sample_s_per_1k=m.get('sample_s_per_1k_images'), curve_fid=m['fid_curve'][-1]['fid'], fid_curve_samples=n,
+                         target_fid=target, min_to_ref_fid=None if t is None else round(t / 60, 2),
+                         speedup_to_ref_fid=None if not t else round(t_ref / t, 2)))
     return rows
 
-def plot_fid_curves(folders, path=None):
-    "FID against training minutes for several `train_diffusion` results folders, on one plot."
+def plot_fid_curves(folders, path=None, target: float | None = None):
+    "FID against training minutes for several `train_diffusion` results folders, on one plot (and the target FID, if given)."
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for f in map(Path, folders):
         c = json.loads((f / 'metrics.json').read_text())['metrics'].get('fid_curve', [])
         ax.plot([p['train_time_s'] / 60 for p in c], [p['fid'] for p in c], 'o-', label=f.name)
-    ax.set(xlabel='training minutes (evaluation excluded)', ylabel='FID', title='FID against training time'); ax.legend()
+    if target is not None: ax.axhline(target, color='gray', ls='--', lw=1, label='target')
+    ax.set(xlabel='training minutes (evaluation excluded)', ylabel='FID (FID-curve samples)', title='FID against training time'); ax.legend()
     fig.tight_layout()
     if path: fig.savefig(path, dpi=80)
     return fig
@@ -461,8 +492,10 @@ def _eval_cli(a):
     if a.out:
         out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
         (out / 'table.md').write_text(format_rows(rows) + '\n')
-        plt.close(plot_fid_curves(a.runs, out / 'fid_vs_time.png'))
-        print('wrote', write_metrics(out, dict(rows=rows), runs=[str(r) for r in a.runs], reference=str(a.runs[a.reference]), figures=['fid_vs_time.png', 'table.md']))
+        plt.close(plot_fid_curves(a.runs, out / 'fid_vs_time.png', rows[a.reference]['target_fid']))
+        ref = rows[a.reference]
+        print('wrote', write_metrics(out, dict(rows=rows, target_fid=ref['target_fid'], fid_curve_samples=ref['fid_curve_samples']),
+                                     runs=[str(r) for r in a.runs], reference=str(a.runs[a.reference]), figures=['fid_vs_time.png', 'table.md']))
     return 0
 
 def add_cli(cmds: dict):
@@ -512,7 +545,8 @@ def add_cli(cmds: dict):
     s.add_argument('--device'); s.add_argument('--out', help='folder for metrics.json, bench.md, bench.png')
     s.set_defaults(fn=_bench_cli)
     s = cmds['eval'].add_parser('diffusion', help='the comparison table of several train_diffusion results folders',
-                                description='Table (params, images/s, memory, FID, time to reach the reference run\'s final FID, speedup) and FID-vs-time curves.')
+                                description='Table (params, images/s, memory, FID, time to reach the FID of the reference run\'s last FID-curve point, '
+                                'speedup) and FID-vs-time curves; the runs\' FID curves must use one sample count, reference set and network.')
     s.add_argument('runs', nargs='+', help='train_diffusion results folders (each with metrics.json)')
     s.add_argument('--reference', type=int, default=0, help='index of the reference run (default 0: the first)')
     s.add_argument('--out', help='folder for table.md, fid_vs_time.png, metrics.json')
