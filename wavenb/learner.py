@@ -512,11 +512,12 @@ def ema_state(ck: dict, path='checkpoint', required: bool = True) -> dict | None
 
 # %% ../nbs/02_learner.ipynb #6509a758
 class ResultsCB(Callback):
-    "At the end of `fit`, write `out/metrics.json` (+ `loss.png`) with provenance and the run's numbers."
+    "At the end of `fit`, write `out/metrics.json` (+ `loss.png`) with provenance and the run's numbers; also `learn.results`."
     order = 200
     def __init__(self, out, dataset: ImageSet | None = None, metrics_fn=None, **extra):
         self.out, self.dataset, self.metrics_fn, self.extra = Path(out), dataset, metrics_fn, extra
     def before_fit(self):
+        self.learn.results = {}
         if self.learn.device.type == 'cuda': torch.cuda.reset_peak_memory_stats(self.learn.device)
     def after_fit(self):
         L = self.learn
@@ -529,7 +530,9 @@ class ResultsCB(Callback):
         plt.close(plot_losses({'train loss': (L.history['step'], L.history['loss'])}, self.out / 'loss.png'))
         info = dict(steps=L.step, batch_size=L.bs, world_size=L.world, precision=L.precision, parameters=L.n_params,
                     wall_time_s=round(time.time() - L.fit_start, 2), train_time_s=round(L.train_time, 2),
-                    images_per_s=round(L.images_seen / max(L.train_time, 1e-9), 1), **self.extra)
+                    images_per_s=round(L.images_seen / max(L.train_time, 1e-9), 1),
+                    load_average_1_5_15_min=[round(v, 2) for v in os.getloadavg()], cpu_count=os.cpu_count(), **self.extra)
         if self.dataset is not None: info['dataset'] = dataset_info(self.dataset)
         if L.device.type == 'cuda': info['peak_memory_bytes'] = torch.cuda.max_memory_allocated(L.device)
         write_metrics(self.out, metrics, device=L.device, **info)
+        L.results = metrics                      # `learn.fit(...).results` hands them back

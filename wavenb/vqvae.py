@@ -4,19 +4,20 @@
 
 # %% ../nbs/20_vqvae.ipynb #1f0804f4
 from __future__ import annotations
-import json, math
+import json, math, typing
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch import nn, Tensor
 from .haar import dwt2_stacked, idwt2_stacked, BANDS
-from .learner import Callback
+from .learner import Callback, Learner, save_config
+from .run import train_test, holdout_split, run_callbacks, load_model, add_command
 
 # %% auto #0
 __all__ = ['WEIGHTINGS', 'VQ_KEYS', 'band_names', 'to_bands', 'from_bands', 'VectorQuantizer', 'code_usage', 'ResBlock',
            'encoder', 'decoder', 'BandVQVAE', 'AutoencodeCB', 'reconstruction_metrics', 'plot_usage', 'build_vqvae',
-           'train_vqvae', 'load_vqvae', 'add_cli']
+           'vqvae_report', 'train_vqvae', 'load_vqvae', 'add_cli']
 
 # %% ../nbs/20_vqvae.ipynb #e903515b
 def band_names(levels: int = 1) -> list[str]:
@@ -248,99 +249,75 @@ def build_vqvae(cfg: dict) -> BandVQVAE:
     return BandVQVAE(cfg['shape'][0], **{k: cfg[k] for k in VQ_KEYS})
 
 def _split_test(ds, test_data, test_split, size, holdout, seed):
+    "`(train, test)` as `train_test` makes them (for callers that load the training set themselves)."
     from wavenb.data import load_images
     if test_data: return ds, load_images(test_data, test_split, size=size)
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    test = ds.subset(perm[:holdout]); test.name = f'{ds.name}, {holdout} held-out images (seed {seed})'
-    train = ds.subset(perm[holdout:]); train.name = f'{ds.name}, without {holdout} held-out images (seed {seed})'
-    return train, test
+    return holdout_split(ds, holdout, seed)
 
-def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str | None = None, test_split: str | None = None,
-                size: int | None = None, levels: int = 1, wavelet: str = 'haar', K: int = 512, D: int = 64, width: int = 64,
-                down: int = 1, n_res: int = 2, beta: float = 0.25, decay: float = 0.99, dead_below: float = 1.0,
-                weighting: str = 'pixel', steps: int = 2000, batch_size: int = 128, lr: float = 4e-4, warmup: int = 100,
-                ckpt='runs/vqvae', ckpt_every: int = 1000, out='figures/vqvae', max_minutes: float | None = None,
-                holdout: int = 200, device=None, seed: int = 0) -> dict:
-    "Train a per-band (or pixel, `levels=0`) VQ-VAE; write checkpoints, `out/metrics.json` and figures."
-    from wavenb.data import load_images, Collate, to_float
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
-    from wavenb.metrics import save_grid, dataset_info
+
+# %% ../nbs/20_vqvae.ipynb #028e6180
+def vqvae_report(L, model: BandVQVAE, test, out: Path) -> dict:
+    "Held-out reconstruction metrics, codebook usage per band (figure), a grid of test images and their reconstructions."
     import matplotlib.pyplot as plt
-    ds, test = _split_test(load_images(data, split, size=size), test_data, test_split, size, holdout, seed)
-    if test.shape != ds.shape: raise ValueError(f'test images are {test.shape}, training images {ds.shape}')
-    ckpt, out = Path(ckpt), Path(out)
-    cfg = dict(shape=list(ds.shape), levels=levels, wavelet=wavelet, K=K, D=D, width=width, down=down, n_res=n_res, beta=beta,
-               decay=decay, dead_below=dead_below, weighting=weighting, data=ds.name, data_sha256=ds.checksum, size=size,
-               holdout=None if test_data else holdout, split_seed=None if test_data else seed, test=test.name, test_sha256=test.checksum)
+    from wavenb.data import to_float
+    from wavenb.metrics import save_grid, dataset_info
+    r = reconstruction_metrics(model, test.images, device=L.device)
+    plt.close(plot_usage(r.pop('counts'), out / 'codebook_usage.png', f'codebook usage per band, {len(test)} test images'))
+    model.eval()
+    with torch.no_grad(): rec = model(to_float(test.images[:32].to(L.device), 'symmetric'))['image'].float().clamp(-1, 1)
+    save_grid(torch.cat([to_float(test.images[:32], 'symmetric'), rec.cpu()]), out / 'reconstructions.png', 16, 'symmetric')
+    r.update(tokens_per_image=sum(h * w for h, w in model.latent_shapes(*test.shape[1:])), bands=model.bands,
+             train_perplexity={b: float(vq.perplexity) for b, vq in zip(model.bands, model.vq)},
+             code_restarts={b: int(vq.restarts) for b, vq in zip(model.bands, model.vq)}, test_set=dataset_info(test),
+             stopped_early_at=L.step if L.step < L.max_steps else None)
+    r['min_used'] = min(r[f'used_{b}'] for b in model.bands)
+    return r
+
+
+# %% ../nbs/20_vqvae.ipynb #4f899067
+def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str | None = None,
+                size: int | None = None,  # resize images to SIZE x SIZE
+                holdout: int = 200,  # images held out of --data for testing when there is no --test-data
+                levels: int = 1,  # DWT levels (0: the pixel VQ-VAE)
+                wavelet: str = 'haar',  # orthogonal wavelet of the DWT
+                K: int = 512,  # codes per codebook
+                D: int = 64,  # code dimension
+                width: int = 64,  # channels of the encoders and decoders
+                down: int = 1,  # stride-2 steps per band
+                n_res: int = 2,  # residual blocks per encoder and decoder
+                beta: float = 0.25,  # commitment weight
+                decay: float = 0.99,  # codebook EMA decay
+                dead_below: float = 1.0,  # restart codes whose EMA count falls below this (0: never)
+                weighting: typing.Literal['pixel', 'variance'] = 'pixel',  # pixel MSE through the IDWT, or variance-normalised per band
+                steps: int = 2000, minutes: float | None = None, batch_size: int = 128, lr: float = 4e-4, warmup: int = 100,
+                ckpt: str = 'runs/vqvae', ckpt_every: int = 1000, out: str = 'figures/vqvae', device: str | None = None,
+                seed: int = 0) -> dict:
+    """Train a VQ-VAE per wavelet subband (`levels` >= 1) or on pixels (`levels=0`); checkpoints resume exactly; writes
+    OUT/metrics.json, OUT/reconstructions.png, OUT/codebook_usage.png and OUT/loss.png."""
+    from wavenb.data import Collate, to_float
+    train, test, dcfg = train_test(data, split, test_data, size, holdout, seed)
+    cfg = dict(shape=list(train.shape), levels=levels, wavelet=wavelet, K=K, D=D, width=width, down=down, n_res=n_res, beta=beta,
+               decay=decay, dead_below=dead_below, weighting=weighting, **dcfg)
     model = build_vqvae(cfg)                                   # validates the options before anything is written
     cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration (and these training and test images)
-    sub = ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:10_000]]
+    sub = train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:10_000]]
     model.fit_band_std(to_float(sub, 'symmetric'))           # (a resumed run loads the same buffer from its checkpoint)
-
-    def evaluate(L) -> dict:
-        m = L.raw_model
-        r = reconstruction_metrics(m, test.images, device=L.device)
-        plt.close(plot_usage(r.pop('counts'), out / 'codebook_usage.png', f'codebook usage per band, {len(test)} test images'))
-        m.eval()
-        with torch.no_grad(): rec = m(to_float(test.images[:32].to(L.device), 'symmetric'))['image'].float().clamp(-1, 1)
-        save_grid(torch.cat([to_float(test.images[:32], 'symmetric'), rec.cpu()]), out / 'reconstructions.png', 16, 'symmetric')
-        r.update(tokens_per_image=sum(h * w for h, w in m.latent_shapes(*ds.shape[1:])), bands=m.bands,
-                 train_perplexity={b: float(vq.perplexity) for b, vq in zip(m.bands, m.vq)},
-                 code_restarts={b: int(vq.restarts) for b, vq in zip(m.bands, m.vq)}, test_set=dataset_info(test),
-                 stopped_early_at=L.step if L.step < L.max_steps else None)
-        r['min_used'] = min(r[f'used_{b}'] for b in m.bands)
-        return r
-
-    cbs = [AutoencodeCB(), LRScheduleCB(warmup, minutes=max_minutes), GradClipCB(1.0), ProgressCB(every=20), *([TimeLimitCB(max_minutes)] if max_minutes else []),
-           CheckpointCB(ckpt, every=ckpt_every, keep=2),
-           ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment='vqvae', config=cfg, figures=['reconstructions.png', 'codebook_usage.png', 'loss.png'])]
-    learn = Learner(model, ds, model.loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                    collate=Collate(scale='symmetric', flip=True), cbs=cbs)
-    learn.fit(steps)
-    return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
+    cbs = [AutoencodeCB(), *run_callbacks(ckpt, out, warmup, minutes, ckpt_every=ckpt_every, dataset=train, experiment='vqvae',
+           metrics_fn=lambda L: vqvae_report(L, L.raw_model, test, Path(out)), config=cfg,
+           figures=['reconstructions.png', 'codebook_usage.png', 'loss.png'])]
+    return Learner(model, train, model.loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                   collate=Collate(scale='symmetric', flip=True), cbs=cbs).fit(steps).results
 
 def load_vqvae(ckpt, device='cpu') -> tuple[BandVQVAE, dict]:
     "Rebuild (model in eval mode, config) from a `train_vqvae` checkpoint folder (its newest checkpoint)."
-    from wavenb.learner import load_run, load_weights
-    cfg, ck, path = load_run(ckpt, 'train_vqvae')
+    from wavenb.learner import load_run
+    cfg = load_run(ckpt, 'train_vqvae')[0]
     if 'K' not in cfg or 'weighting' not in cfg: raise ValueError(f'{ckpt}/config.json is not a VQ-VAE configuration')
-    model = build_vqvae(cfg)
-    load_weights(model, ck['model'], path, 'VQ-VAE')
-    return model.to(device).eval(), cfg
+    return load_model(ckpt, build_vqvae, 'train_vqvae', ema=False, device=device)
+
 
 # %% ../nbs/20_vqvae.ipynb #198ee5e4
-def _train_cli(a):
-    from wavenb.cli import parse_source
-    src, split = parse_source(a.data)
-    tsrc, tsplit = parse_source(a.test_data) if a.test_data else (None, None)
-    m = train_vqvae(src, a.split or split, tsrc, tsplit, a.size, a.levels, a.wavelet, a.K, a.D, a.width, a.down, a.n_res, a.beta,
-                    a.decay, a.dead_below, a.weighting, a.steps, a.batch_size, a.lr, a.warmup, a.ckpt, a.ckpt_every, a.out,
-                    a.max_minutes, a.holdout, a.device, a.seed)
-    print(json.dumps({k: v for k, v in m.items() if not isinstance(v, dict)}, indent=1))
-    return 0
-
 def add_cli(cmds: dict):
-    "Add `wavenb train vqvae` to the `wavenb` command's subparsers."
-    s = cmds['train'].add_parser('vqvae', help='VQ-VAE with one codebook per wavelet subband (or on pixels)',
-                                 description='Train a VQ-VAE per wavelet subband (--levels >= 1) or on pixels (--levels 0); checkpoints '
-                                 'resume exactly; writes OUT/metrics.json, OUT/reconstructions.png, OUT/codebook_usage.png, OUT/loss.png.')
-    s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
-    s.add_argument('--split'); s.add_argument('--size', type=int, help='resize images to SIZE x SIZE')
-    s.add_argument('--test-data', help='test images source[:split] (default: hold out --holdout training images)')
-    s.add_argument('--holdout', type=int, default=200)
-    s.add_argument('--levels', type=int, default=1, help='DWT levels (0: the pixel VQ-VAE)')
-    s.add_argument('--wavelet', default='haar')
-    s.add_argument('--K', type=int, default=512, help='codes per codebook'); s.add_argument('--D', type=int, default=64, help='code dimension')
-    s.add_argument('--width', type=int, default=64); s.add_argument('--down', type=int, default=1, help='stride-2 steps per band')
-    s.add_argument('--n-res', type=int, default=2); s.add_argument('--beta', type=float, default=0.25, help='commitment weight')
-    s.add_argument('--decay', type=float, default=0.99, help='codebook EMA decay')
-    s.add_argument('--dead-below', type=float, default=1.0, help='restart codes whose EMA count falls below this (0: never)')
-    s.add_argument('--weighting', choices=WEIGHTINGS, default='pixel')
-    s.add_argument('--steps', type=int, default=2000); s.add_argument('--batch-size', type=int, default=128)
-    s.add_argument('--lr', type=float, default=4e-4); s.add_argument('--warmup', type=int, default=100)
-    s.add_argument('--minutes', '--max-minutes', dest='max_minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (results are still written)')
-    s.add_argument('--ckpt', default='runs/vqvae', help='checkpoint folder (re-running resumes from it)')
-    s.add_argument('--ckpt-every', type=int, default=1000)
-    s.add_argument('--out', default='figures/vqvae', help='results folder')
-    s.add_argument('--device'); s.add_argument('--seed', type=int, default=0)
-    s.set_defaults(fn=_train_cli)
+    "Add `wavenb train vqvae` to the `wavenb` command's subparsers: its options are `train_vqvae`'s parameters."
+    add_command(cmds['train'], 'vqvae', train_vqvae, help='VQ-VAE with one codebook per wavelet subband (or on pixels)')
+
