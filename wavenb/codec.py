@@ -413,7 +413,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test: str | None 
     cbs = [LRScheduleCB(warmup, minutes=minutes), GradClipCB(1.0), EMACB(ema), ProgressCB(every=50), *([TimeLimitCB(minutes)] if minutes else []),
            CheckpointCB(ckpt, every=max(steps // 4, 100), keep=2),
            ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment=experiment, config=cfg, test_dataset=test_ds.describe() | {'sha256': test_ds.checksum},
-                     published_bpd_cifar10={'original neural wavelet flow, coded file (theoretical 3.58), as quoted in issue 7': 3.59,
+                     published_bpd_cifar10={'original neural wavelet flow, coded file (theoretical 3.58), as claimed by the original work': 3.59,
                                             'Glow (Kingma & Dhariwal 2018)': 3.35, 'RealNVP (Dinh et al. 2017)': 3.49})]
     learn = Learner(model, ds, bpd_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, precision='fp32',
                     collate=IntCollate(flip=True), valid_collate=IntCollate(), cbs=cbs)
@@ -423,6 +423,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test: str | None 
 # %% ../nbs/41_codec.ipynb #5906f1d1
 import os
 
+# %% ../nbs/41_codec.ipynb #a27bcb8d
 def read_image(path) -> Tensor:
     "An 8-bit greyscale or RGB image file as uint8 (1, C, H, W); other modes are an error naming the mode."
     from PIL import Image

@@ -168,6 +168,7 @@ def ddim_invert(model: nn.Module, schedule: Schedule, images: Tensor, space: nn.
 # %% ../nbs/51_diffusion.ipynb #675f8a0a
 from .data import to_uint8
 
+# %% ../nbs/51_diffusion.ipynb #1b157b86
 class FIDCurveCB(Callback):
     "Every `every` steps and at the end: FID/KID of `n` EMA samples (`sample_fn(model, batch)`) against `fidkid`'s reference, with the training time."
     order = 25
@@ -201,6 +202,7 @@ import json, time
 from pathlib import Path
 import matplotlib.pyplot as plt
 
+# %% ../nbs/51_diffusion.ipynb #ce64f9e7
 def build_diffusion(cfg: dict):
     "Space, schedule and denoiser from a configuration dict (as saved in `config.json`)."
     from wavenb.unet import UNet
@@ -314,6 +316,7 @@ def sample_diffusion(ckpt, n: int = 64, sampler: str = 'ddim', steps: int = 50, 
 # %% ../nbs/51_diffusion.ipynb #c26bc844
 from contextlib import nullcontext
 
+# %% ../nbs/51_diffusion.ipynb #0eac69a0
 BENCH_CONFIGS = {  # 2 residual blocks per level; attention at `mix_levels` (0 = full resolution)
     'pixel-ddpm':    dict(channels=3, size=32, width=128, mults=(1, 2, 2, 2), mix_levels=(1,)),   # DDPM's CIFAR-10 UNet, pixels
     'wavelet1-wddm': dict(channels=12, size=16, width=128, mults=(1, 2, 2), mix_levels=(0, 1)),  # WDDM's CIFAR-10 config, Haar level 1
