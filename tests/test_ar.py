@@ -161,7 +161,8 @@ def test_ema_prior_keeps_integer_buffers_and_reports_its_own_nll(vq_folder, tmp_
     "After 40+ EMA updates the EMA prior's band index is the model's, and train_ar's NLL is that of the EMA weights reloaded by load_ar."
     from wavenb.learner import Learner, EMACB
     from wavenb.ar import train_ar, encode_images
-    from wavenb.vqvae import load_vqvae, _split_test
+    from wavenb.vqvae import load_vqvae
+    from wavenb.run import holdout_split
     from wavenb.data import load_images
     torch.manual_seed(0)
     prior = CodePrior([(2, 2)] * 4, K, d=16, layers=1, heads=2)          # four bands: band_of holds 0..3
@@ -174,7 +175,7 @@ def test_ema_prior_keeps_integer_buffers_and_reports_its_own_nll(vq_folder, tmp_
     m = train_ar(vq_folder / 'vq', 'sample', steps=45, ema=0.999, ckpt=tmp_path / 'ar', out=tmp_path / 'res', holdout=32, seed=1,
                  flip=False, lr=3e-3, **TINY)
     vq, _ = load_vqvae(vq_folder / 'vq')
-    test = _split_test(load_images('sample'), None, None, None, 32, 1)[1]
+    test = holdout_split(load_images('sample'), 32, 1)[1]
     assert test.checksum == m['test_set']['sha256']
     reloaded, _ = load_ar(tmp_path / 'ar')
     r = prior_nll(reloaded, encode_images(vq, test.images), 32 * 32)
@@ -190,6 +191,21 @@ def test_fid_path_with_random_features(vq_folder, tmp_path):
     for k in ('fid', 'kid', 'kid_std', 'fid_vqvae_reconstructions_of_test'): assert math.isfinite(m[k]), (k, m[k])
     assert m['fid'] > 0 and m['fid_vqvae_reconstructions_of_test'] > 0 and m['kid_std'] >= 0
     assert m['fid_samples'] == 24 and m['fid_feature_net'] == net.ident and m['fid_reference_images'] == 2000 - 32
+    cfg = json.loads((tmp_path / 'ar' / 'config.json').read_text())
+    assert m['fid_reference_sha256'] == cfg['data_sha256'] and m['fid_sample_and_score_s'] >= 0   # the whole training split
+
+def test_no_ema_prior_is_sampled_and_reloaded_with_its_own_weights(vq_folder, tmp_path):
+    "ema=0: no EMA; the report and load_ar use the trained weights; top_k=0 means all codes, as on the command line."
+    from wavenb.ar import train_ar, encode_images
+    from wavenb.vqvae import load_vqvae
+    from wavenb.data import load_images
+    from wavenb.run import holdout_split
+    m = train_ar(vq_folder / 'vq', 'sample', steps=3, ema=0, top_k=0, ckpt=tmp_path / 'ar', out=tmp_path / 'res', flip=False, **TINY)
+    assert m['sampling'] == dict(temperature=1.0, top_k=None, top_p=None, weights='raw'), m['sampling']
+    prior, _ = load_ar(tmp_path / 'ar')
+    test = holdout_split(load_images('sample'), 32, 1)[1]
+    r = prior_nll(prior, encode_images(load_vqvae(vq_folder / 'vq')[0], test.images), 32 * 32)
+    assert abs(r['bits_per_code'] - m['bits_per_code']) < 1e-6 * m['bits_per_code'], (r['bits_per_code'], m['bits_per_code'])
 
 def test_cli_train_and_sample(vq_folder, tmp_path):
     from conftest import run_cli
@@ -205,10 +221,28 @@ def test_cli_train_and_sample(vq_folder, tmp_path):
     assert (tmp_path / 'res' / 'samples.png').is_file()
     prior, cfg = load_ar(tmp_path / 'ar')
     assert len(prior.blocks) == 2 and prior.T == 16
-    r = run_cli('sample', 'ar', '--ckpt', tmp_path / 'ar', '--n', '4', '--top-k', '5', '--out', tmp_path / 's.png', '--device', 'cpu', env=ONE)
-    assert r.returncode == 0 and (tmp_path / 's.png').is_file(), r.stderr[-2000:]
+    r = run_cli('sample', 'ar', '--ckpt', tmp_path / 'ar', '--n', '4', '--top-k', '5', '--out', tmp_path / 's', '--device', 'cpu', env=ONE)
+    assert r.returncode == 0 and (tmp_path / 's' / 'samples.png').is_file(), r.stderr[-2000:]
+    s = json.loads((tmp_path / 's' / 'metrics.json').read_text())
+    assert s['metrics']['images'] == 4 and s['metrics']['sampling']['top_k'] == 5 and s['metrics']['vqvae'] == str(vq)
     r = run_cli('train', 'ar', '--vqvae', vq, '--d', '16', '--layers', '2', '--heads', '2', '--steps', '3', '--holdout', '50',
                 '--ckpt', tmp_path / 'ar2', '--out', tmp_path / 'res2', '--device', 'cpu', env=ONE)
     assert r.returncode != 0 and "not the VQ-VAE's" in r.stderr, r.stderr[-2000:]
     with pytest.raises(FileNotFoundError, match='config.json'): load_ar(tmp_path / 'nothing')   # the CLI: one line, exit code 2
     with pytest.raises(ValueError, match='not a train_ar'): load_ar(vq)
+
+@pytest.mark.parametrize('cmd', ['train', 'sample'])
+def test_cli_help_lists_the_shared_options(cmd):
+    "`wavenb train ar --help` / `wavenb sample ar --help` through the console script: the shared option names, with the shared help."
+    from conftest import run_cli
+    from wavenb.run import SHARED
+    r = run_cli(cmd, 'ar', '--help')
+    assert r.returncode == 0, r.stderr[-2000:]
+    h = ' '.join(r.stdout.split())                                # argparse wraps long lines
+    shared = dict(train=['data', 'split', 'test_data', 'steps', 'minutes', 'batch_size', 'lr', 'warmup', 'ema', 'ckpt', 'ckpt_every',
+                         'out', 'device', 'seed', 'compile', 'workers'], sample=['ckpt', 'out', 'device', 'seed'])[cmd]
+    for k in shared: assert f'--{k.replace("_", "-")} ' in h and (cmd == 'sample' or SHARED[k] in h), k   # sample's own help for --ckpt etc.
+    own = dict(train=['--vqvae', '--holdout', '--no-flip', '--eval-samples', '--throughput-n', '--fid-weights', '--top-k', '--top-p'],
+               sample=['--n', '--vqvae', '--no-cache', '--temperature', '--top-k', '--top-p'])[cmd]
+    assert all(o + ' ' in h for o in own), [o for o in own if o + ' ' not in h]
+    assert '--max-minutes' not in h and '--test-split' not in h

@@ -72,3 +72,41 @@ def test_bench_haar_writes_results(tmp_path):
     impls = {row['impl'] for row in m['metrics']['rows'] if 'median_ms' in row}
     assert {'copy', 'wavenb torch'} <= impls and (tmp_path / 'b' / 'bench.png').is_file()
     assert set(m['versions']) >= {'triton', 'pytorch_wavelets', 'ptwt'}
+
+# Every option shared by the commands is declared once (wavenb.run.SHARED) and means the same in every command.
+TRAIN_SHARED = ['data', 'split', 'test_data', 'steps', 'minutes', 'batch_size', 'lr', 'warmup', 'ema', 'ckpt', 'ckpt_every',
+                'out', 'device', 'seed', 'compile', 'workers']
+
+def _commands(parser, path=()):
+    "Every leaf sub-command of `parser`: `(path, subparser)`."
+    import argparse
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs: yield path, parser
+    for a in subs:
+        for name, p in a.choices.items(): yield from _commands(p, path + (name,))
+
+def _all_commands():
+    from wavenb.cli import build_parser
+    return list(_commands(build_parser()))
+
+def test_shared_options_have_one_meaning():
+    from wavenb.run import SHARED
+    seen, trains = {}, 0
+    for path, p in _all_commands():
+        if path[0] not in ('train', 'sample', 'eval'): continue     # the models' commands (demo, data, pack, fid have their own)
+        acts = {a.dest: a for a in p._actions}
+        if path[0] == 'train':
+            trains += 1
+            missing = [k for k in TRAIN_SHARED if k not in acts]
+            assert not missing, f'wavenb {" ".join(path)} lacks {missing}'
+        for k, a in acts.items():
+            if k not in SHARED: continue
+            if path[0] == 'train': assert (a.help or '').startswith(SHARED[k]), (path, k, a.help)   # one help text ...
+            seen.setdefault(k, set()).add((type(a).__name__, a.type, tuple(a.option_strings)))   # ... one type, one spelling
+    assert trains >= 6
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+@pytest.mark.parametrize('path', [p for p, _ in _all_commands()], ids=' '.join)
+def test_every_command_has_help(path):
+    r = run_cli(*path, '--help')
+    assert r.returncode == 0 and 'usage: wavenb' in r.stdout, r.stderr

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from wavenb.flow import WaveletFlow, save_flow, load_flow
 from wavenb.codec import (RansEncoder, RansDecoder, M, quantised_cdf, mixture_tables, compress, decompress, theoretical_bits,
                           progressive, read_header, CodecError, HEADER, upsample, super_resolution, coded_subset, baseline_bytes,
-                          flow_report, evaluate_flow)
+                          flow_report, evaluate_flow, train_flow, load_flow_run, model_id)
+from wavenb.run import SHARED
 
 def small_flow(C=3, seed=0, std=0.05):
     torch.manual_seed(seed)
@@ -105,28 +106,28 @@ def test_cli_compress_decompress_and_errors(tmp_path, crops, capsys):
     rgb, grey = tmp_path / 'rgb.png', tmp_path / 'grey.png'
     Image.fromarray(crops[0].permute(1, 2, 0).numpy()).save(rgb)
     Image.fromarray(crops[1, 0, :, :13].numpy()).save(grey)
-    r = run_cli('compress', rgb, '-o', tmp_path / 'x.wnb', '--model', model)           # as a user runs it
+    r = run_cli('compress', rgb, tmp_path / 'x.wnb', '--weights', model)           # as a user runs it
     assert r.returncode == 0, r.stderr
-    r = run_cli('decompress', tmp_path / 'x.wnb', '-o', tmp_path / 'back.png', '--model', model)
+    r = run_cli('decompress', tmp_path / 'x.wnb', tmp_path / 'back.png', '--weights', model)
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(rgb)), np.asarray(Image.open(tmp_path / 'back.png')))
-    assert cli(capsys, 'compress', grey, '-o', tmp_path / 'g.wnb', '--model', model)[0] == 0
-    assert cli(capsys, 'decompress', tmp_path / 'g.wnb', '-o', tmp_path / 'g.png', '--model', model)[0] == 0
+    assert cli(capsys, 'compress', grey, tmp_path / 'g.wnb', '--weights', model)[0] == 0
+    assert cli(capsys, 'decompress', tmp_path / 'g.wnb', tmp_path / 'g.png', '--weights', model)[0] == 0
     a, b = Image.open(grey), Image.open(tmp_path / 'g.png')
     assert a.mode == b.mode == 'L' and np.array_equal(np.asarray(a), np.asarray(b))
-    rc, err = cli(capsys, 'decompress', rgb, '-o', tmp_path / 'y.png', '--model', model)
+    rc, err = cli(capsys, 'decompress', rgb, tmp_path / 'y.png', '--weights', model)
     assert rc == 2 and 'not a wavenb flow stream' in err
-    rc, err = cli(capsys, 'compress', rgb, '-o', tmp_path / 'z.wnb', '--model', tmp_path / 'none.pt')
+    rc, err = cli(capsys, 'compress', rgb, tmp_path / 'z.wnb', '--weights', tmp_path / 'none.pt')
     assert rc == 2 and 'no flow model weights' in err
     Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / 'rgba.png')
-    rc, err = cli(capsys, 'compress', tmp_path / 'rgba.png', '-o', tmp_path / 'z.wnb', '--model', model)
+    rc, err = cli(capsys, 'compress', tmp_path / 'rgba.png', tmp_path / 'z.wnb', '--weights', model)
     assert rc == 2 and "mode 'RGBA'" in err
 
 def test_cli_train_flow_end_to_end(tmp_path, crops, capsys):
     for i, im in enumerate(crops):        # a tiny ImageFolder of 16x16 PNGs
         d = tmp_path / 'data' / f'c{i % 2}'; d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(d / f'{i}.png')
-    rc, err = cli(capsys, 'train', 'flow', '--data', tmp_path / 'data', '--test', tmp_path / 'data', '--steps', 2, '--batch-size', 2,
+    rc, err = cli(capsys, 'train', 'flow', '--data', tmp_path / 'data', '--test-data', tmp_path / 'data', '--steps', 2, '--batch-size', 2,
                 '--lift-width', 4, '--prior-width', 8, '--prior-depth', 1, '--warmup', 1, '--ckpt', tmp_path / 'ck',
                 '--out', tmp_path / 'res', '--code-images', 3, '--per-image-files', 2, '--streams', 3, '--sr-images', 2, '--device', 'cpu')
     assert rc == 0, err[-2000:]
@@ -148,10 +149,36 @@ def test_cli_train_flow_end_to_end(tmp_path, crops, capsys):
     with pytest.raises(ValueError, match='per_image_files'): evaluate_flow(model, test, tmp_path / 'x', per_image_files=0)
     # the trained model's file, written and read back by the commands, has exactly the original pixels
     src = tmp_path / 'data' / 'c0' / '0.png'
-    assert cli(capsys, 'compress', src, '-o', tmp_path / 'a.wnb', '--model', tmp_path / 'ck')[0] == 0
-    assert cli(capsys, 'decompress', tmp_path / 'a.wnb', '-o', tmp_path / 'a.png', '--model', tmp_path / 'ck')[0] == 0
+    assert cli(capsys, 'compress', src, tmp_path / 'a.wnb', '--weights', tmp_path / 'ck')[0] == 0
+    assert cli(capsys, 'decompress', tmp_path / 'a.wnb', tmp_path / 'a.png', '--weights', tmp_path / 'ck')[0] == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / 'a.png')), np.asarray(Image.open(src)))
     assert torch.equal(decompress(model, (tmp_path / 'a.wnb').read_bytes()), crops[:1])
+    # model.pt is the EMA weights of the run's last checkpoint, which load_flow_run rebuilds from the folder (raw weights on request)
+    ema, cfg = load_flow_run(tmp_path / 'ck')
+    assert model_id(ema) == model_id(model) and model_id(load_flow_run(tmp_path / 'ck', ema=False)[0]) != model_id(model)
+    assert cfg['test_sha256'] == test.checksum and cfg['holdout'] is None
+
+def test_train_flow_holds_out_a_seeded_tenth_by_default(tmp_path):
+    r = train_flow('sample', steps=2, batch_size=4, lift_width=4, prior_width=8, prior_depth=1, K=3, warmup=1, ckpt=tmp_path / 'ck',
+                   out=tmp_path / 'res', code_images=2, per_image_files=1, streams=2, sr_images=2, device='cpu', seed=1)
+    ds = load_images('sample')
+    held = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[:len(ds) // 10])
+    import json
+    met = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert r == met['metrics'] and r['test_images'] == 200 and met['test_dataset']['sha256'] == held.checksum
+    assert (met['config']['holdout'], met['config']['split_seed']) == (200, 1)
+    assert met['published_bpd_cifar10'] and {'bpd_model_fp32', 'bpd_file', 'per_image_bpd', 'sr_x2', 'sr_x4', 'progressive_bytes'} <= set(r)
+
+def test_help_lists_the_shared_options(capsys):
+    r = run_cli('train', 'flow', '--help')                      # the installed console script
+    assert r.returncode == 0, r.stderr
+    h = ' '.join(r.stdout.split())                              # argparse wraps long lines
+    for o in ('data', 'split', 'test_data', 'steps', 'minutes', 'batch_size', 'lr', 'warmup', 'ema', 'ckpt', 'ckpt_every', 'out', 'device', 'seed'):
+        assert f"--{o.replace('_', '-')} " in h and SHARED[o] in h, o
+    assert '--test-split' not in h and '--max-minutes' not in h and '--init {legall,haar}' in h
+    for cmd, args in (('compress', 'image output'), ('decompress', 'file output')):
+        with pytest.raises(SystemExit): cli(capsys, cmd, '--help')
+        assert f'usage: wavenb {cmd} [-h] [--weights WEIGHTS] {args}' in capsys.readouterr().out
 
 def test_upsample_reproduces_quadratics_on_the_sample_grid():
     poly = lambda y, x: 40 + 3 * y - 2 * x + 0.2 * y * y - 0.1 * x * y + 0.15 * x * x

@@ -1,5 +1,5 @@
 "wavenb.diffusion on the CPU: forward process statistics, conversions, spaces, samplers, training through the Learner."
-import math
+import json, math
 import pytest, torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,8 +144,10 @@ def test_cli_train_resume_sample(tmp_path):
     import json
     m = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
     assert m['steps'] == 10 and m['config']['backbone'] == 'ukan' and len(m['config']['scales']) == 12
-    r = run_cli('sample', 'diffusion', '--ckpt', tmp_path / 'ck', '--n', '4', '--steps', '3', '--out', tmp_path / 's.png', '--device', 'cpu')
+    r = run_cli('sample', 'diffusion', '--ckpt', tmp_path / 'ck', '--n', '4', '--sample-steps', '3', '--grid', tmp_path / 's.png', '--device', 'cpu')
     assert r.returncode == 0 and (tmp_path / 's.png').is_file(), r.stderr[-2000:]
+    assert json.loads(r.stdout) | dict(sample_s=0) == dict(grid=str(tmp_path / 's.png'), images=4, shape=[3, 32, 32], sampler='ddim',
+                                                          sample_steps=3, eta=0.0, seed=0, sample_s=0)
     r = run_cli('sample', 'diffusion', '--ckpt', tmp_path / 'nothing')
     assert r.returncode == 2 and 'config.json' in r.stderr
 
@@ -174,7 +176,7 @@ def test_fid_curve_survives_resume(tmp_path, one_thread):
     again = run(10)                                 # resumes from step 6 (the checkpoint written at the end of fit)
     assert [p['step'] for p in again] == [4, 6, 8, 10] and again[:2] == first
 
-def test_time_budget_band_scaling_and_matched_ukan(tmp_path):
+def test_time_budget_band_scaling_and_matched_ukan(tmp_path, one_thread):
     from wavenb.diffusion import train_diffusion
     m = train_diffusion('sample', steps=10_000, batch_size=8, width=16, blocks=1, ckpt=tmp_path / 'ck', out=tmp_path / 'res', warmup=2,
                         sample_steps=2, minutes=0.05, band_scaling=False, backbone='ukan', match_unet=True, device='cpu', mix_levels=(1, 2))
@@ -219,6 +221,7 @@ def test_cli_bench_and_eval(tmp_path, one_thread):
     assert [x['speedup_to_ref_fid'] for x in rows] == [1.0, round(200 / 150, 2)]
     assert [x['throughput_ratio'] for x in rows] == [1.0, 4.0]
     assert res['target_fid'] == 11.5 and res['fid_curve_samples'] == 2000 and [x['fid'] for x in rows] == [8.0, 6.5]
+    assert json.loads(r.stdout) == res                                          # the command prints what it wrote
     assert (tmp_path / 'cmp' / 'fid_vs_time.png').is_file()
     from wavenb.diffusion import compare_runs
     rows = compare_runs([tmp_path / 'wavelet', tmp_path / 'pixel'])             # the other way round: wavelet is the reference
@@ -240,9 +243,11 @@ def test_cli_bench_and_eval(tmp_path, one_thread):
     with pytest.raises(ValueError, match='not at its last training step'): compare_runs([tmp_path / 'old', tmp_path / 'pixel'])
     from wavenb.diffusion import bench_diffusion
     rows = bench_diffusion({'t': dict(channels=12, size=8, width=8, mults=(1, 2), mix_levels=(1,))}, impls=('wavenb',), batch_sizes=(2,),
-                           device='cpu', steps=1, warmup=1)
+                           device='cpu', timed_steps=1, untimed_steps=1, out=tmp_path / 'bench')
     assert rows[0]['params'] > 0 and rows[0]['train_images_per_s'] > 0
+    assert json.loads((tmp_path / 'bench' / 'metrics.json').read_text())['metrics']['rows'] == rows
     with pytest.raises(ValueError, match='impl'): bench_diffusion(impls=('keras',), device='cpu')
+    with pytest.raises(ValueError, match='unknown configurations'): bench_diffusion(('pixel-dpm',), device='cpu')
 
 def test_train_diffusion_fid_curve_and_final_fid(tmp_path, one_thread):
     "The FID paths run end to end (random feature network): finite values, the right counts, a last curve point at the end of training."
@@ -258,10 +263,44 @@ def test_train_diffusion_fid_curve_and_final_fid(tmp_path, one_thread):
     assert (m['fid_samples'], m['fid_feature_net'], m['fid_reference_sha256']) == (20, net.ident, sha)
     c = m['fid_curve']
     assert [p['step'] for p in c] == [4, 6] and r['steps'] == 6                 # every 4 steps, and at the end of training
-    assert all(math.isfinite(p['fid']) and p['samples'] == 12 and p['feature_net'] == net.ident for p in c)
+    assert all(math.isfinite(p['fid']) and p['samples'] == 12 and p['feature_net'] == net.ident and p['reference_sha256'] == sha for p in c)
     assert c[0]['train_time_s'] < c[1]['train_time_s'] and abs(c[-1]['train_time_s'] - r['train_time_s']) < 0.01
     assert m['fid_curve_samples'] == 12 and m['fid_curve_reference']['sha256'] == sha and m['fid_curve_feature_net'] == net.ident
     assert (tmp_path / 'res' / 'fid_vs_time.png').is_file()
     rows = compare_runs([tmp_path / 'res', tmp_path / 'res'])
     assert rows[0]['target_fid'] == c[-1]['fid'] and rows[0]['fid_curve_samples'] == 12
     assert rows[0]['min_to_ref_fid'] == round(time_to_fid(c, c[-1]['fid']) / 60, 2) and [x['speedup_to_ref_fid'] for x in rows] == [1.0, 1.0]
+
+def test_cli_help_lists_the_shared_options():
+    "Every diffusion command takes its options from its function; the shared ones carry the shared help, renamed ones are gone."
+    from conftest import run_cli
+    from wavenb.run import SHARED
+    r = run_cli('train', 'diffusion', '--help')
+    assert r.returncode == 0, r.stderr[-2000:]
+    h = ' '.join(r.stdout.split())                                             # argparse wraps long lines
+    for o in ('data', 'split', 'size', 'steps', 'minutes', 'batch_size', 'lr', 'warmup', 'ema', 'ckpt', 'ckpt_every', 'out', 'device', 'seed'):
+        assert f"--{o.replace('_', '-')} " in h and SHARED[o] in h, o
+    for o in ('--compile', '--no-band-scaling', '--match-unet', '--mix-levels', '--fid-every', '--sample-steps', '{pixel,wavelet}', '{eps,x0,v}'):
+        assert o in h, o
+    assert '--fid-net' not in h and '--max-minutes' not in h
+    from wavenb.cli import build_parser
+    p = build_parser()
+    a = p.parse_args(['sample', 'diffusion', '--sample-steps', '7', '--grid', 'g.png'])
+    assert (a.sample_steps, a.grid, a.ckpt) == (7, 'g.png', 'runs/diffusion')
+    a = p.parse_args(['bench', 'diffusion', '--timed-steps', '2', '--untimed-steps', '0', '--configs', 'pixel-ddpm', '--batch-sizes', '8', '16'])
+    assert (a.timed_steps, a.untimed_steps, a.configs, a.batch_sizes, a.skip_missing) == (2, 0, ['pixel-ddpm'], [8, 16], True)
+    for old in (['sample', 'diffusion', '--steps', '7'], ['sample', 'diffusion', '--out', 'g.png'], ['bench', 'diffusion', '--warmup', '1']):
+        with pytest.raises(SystemExit): p.parse_args(old)
+
+def test_no_ema(tmp_path, one_thread):
+    "`ema=0` means no EMA: training, evaluation and the folder's model use the raw weights."
+    from wavenb.diffusion import train_diffusion, load_diffusion
+    from wavenb.learner import load_run
+    from wavenb.metrics import RandomFeatures
+    m = train_diffusion('sample', steps=2, batch_size=8, width=16, blocks=1, warmup=1, sample_steps=2, ema=0, eval_samples=4,
+                        fid_net=RandomFeatures(), ckpt=tmp_path / 'ck', out=tmp_path / 'res', device='cpu')
+    assert m['fid_sampler'] == 'DDIM 2 steps, raw weights' and math.isfinite(m['fid'])
+    ck = load_run(tmp_path / 'ck')[1]
+    assert 'EMACB' not in ck['callbacks']
+    model = load_diffusion(tmp_path / 'ck')[2]
+    assert all(torch.equal(v, ck['model'][k]) for k, v in model.state_dict().items())

@@ -148,10 +148,10 @@ def test_short_run_beats_the_mean_image(tmp_path):
     or straight-through gradient is broken stays near the baseline."""
     from wavenb.data import load_images
     from wavenb.metrics import psnr
-    from wavenb.vqvae import _split_test
+    from wavenb.run import holdout_split
     m = train_vqvae('sample', steps=100, batch_size=16, K=16, D=4, width=8, n_res=1, warmup=2, lr=3e-3, holdout=64, seed=0,
                     ckpt=tmp_path / 'ck', out=tmp_path / 'res', device='cpu')
-    train, test = _split_test(load_images('sample'), None, None, None, 64, 0)
+    train, test = holdout_split(load_images('sample'), 64, 0)
     assert test.checksum == m['test_set']['sha256']
     mean = train.images.float().mean(0, keepdim=True).round().to(torch.uint8).expand_as(test.images)
     baseline = psnr(mean, test.images).mean().item()

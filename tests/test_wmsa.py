@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from wavenb.haar import wavedec2
 from wavenb.data import ImageSet, Collate, load_images, resize_uint8, to_float
 from wavenb.learner import Learner
+from conftest import run_cli
 from wavenb.wmsa import (token_count, token_bands, WaveletTokenizer, ScaleAwarePE, sinusoidal_2d, WaveletKernel, log_kernel_mask,
                          box_overlap, Attention, WaveletTransformer, ViT, SIZES, n_params, count_flops)
 
@@ -109,7 +110,7 @@ def test_sizes_params_and_flops():
 def _tiny(tmp_path, **kw):
     "A tiny W-MSA run of `train_classifier` on the embedded sample (8x8 images, 64 tokens, 1,600 training and 400 held-out images)."
     from wavenb.wmsa import train_classifier
-    cfg = dict(data='sample', resize=8, levels=2, dim=32, depth=1, heads=2, batch_size=64, valid_size=400, lr=3e-3, warmup=10,
+    cfg = dict(data='sample', size=8, levels=2, dim=32, depth=1, heads=2, batch_size=64, valid_size=400, lr=3e-3, warmup=10,
                policy='none', drop_path=0.0, eval_every=10 ** 6, ckpt_every=10 ** 6, ckpt=tmp_path / 'ck', out=tmp_path / 'res')
     return train_classifier('wmsa', **{**cfg, **kw})
 
@@ -129,6 +130,7 @@ def test_time_budget_schedule_is_smooth(tmp_path, monkeypatch):
     assert 128 <= ck['step'] <= 129 and len(lr) == ck['step']                    # stopped by the time budget, not by the step cap
     assert lr[-1] < 0.01 * max(lr)                                               # the cosine ends with the budget
     with pytest.raises(ValueError, match='number of steps'): W.train_classifier('wmsa', warmup=0.05, ckpt=tmp_path / 'x')
+    assert not (tmp_path / 'x').exists()                                        # a refused option leaves no configuration behind
 
 def test_ema_copies_buffers_and_gives_finite_metrics(tmp_path, monkeypatch):
     "With --ema the evaluated (EMA) model holds the model's buffers (the kernel's -inf mask, token levels, band scales) and its metrics are finite."
@@ -136,7 +138,7 @@ def test_ema_copies_buffers_and_gives_finite_metrics(tmp_path, monkeypatch):
     from wavenb.learner import load_run
     evaluated, count_flops = [], W.count_flops
     monkeypatch.setattr(W, 'count_flops', lambda model, *a, **k: evaluated.append(model) or count_flops(model, *a, **k))  # sees the model reported on
-    m = _tiny(tmp_path, ema=0.999, steps=5, test='sample')
+    m = _tiny(tmp_path, ema=0.999, steps=5, test_data='sample')
     assert m['weights'] == 'EMA' and all(math.isfinite(m[k]) for k in ('valid_loss', 'test_loss'))
     cfg, ck, _ = load_run(tmp_path / 'ck')
     ema, fresh = dict(evaluated[0].named_buffers()), W.build_classifier(cfg)
@@ -152,6 +154,9 @@ def test_short_run_beats_chance_on_held_out_data(tmp_path):
     ds = load_images('sample')
     valid = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234))[:400]   # train_classifier's fixed split
     majority = ds.labels[valid].bincount().max().item() / 400
+    saved = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert saved['valid']['sha256'] == load_images('sample', size=8).subset(valid).checksum   # validated on exactly those images
+    assert saved['dataset']['images'] == 1600 and saved['config']['valid_size'] == 400
     assert majority < 0.13 and m['valid_acc'] > majority + 0.08
     assert m['valid_loss'] < math.log(10) - 0.15            # uniform predictions give log 10 (label smoothing included)
 
@@ -159,28 +164,63 @@ def test_cli_train_resume_eval(tmp_path, capsys):
     from wavenb.cli import main
     from wavenb.data import pack_subset, sample_path
     small = pack_subset(sample_path(), tmp_path / 'small.npz', per_class=20)       # 200 images: quick on 2 shared cores
-    args = ['train', 'wmsa', '--data', str(small), '--resize', '16', '--levels', '2', '--dim', '16', '--depth', '1', '--heads', '2',
+    args = ['train', 'wmsa', '--data', str(small), '--size', '16', '--levels', '2', '--dim', '16', '--depth', '1', '--heads', '2',
             '--batch-size', '16', '--valid-size', '50', '--eval-every', '4', '--ckpt', str(tmp_path / 'ck'), '--out', str(tmp_path / 'res'),
-            '--test', str(small)]
+            '--test-data', str(small)]
     assert main(args + ['--steps', '4']) == 0
     assert main(args + ['--steps', '6']) == 0 and 'resumed from' in capsys.readouterr().out   # extends the same run
     m = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
     assert m['steps'] == 6 and m['config']['kind'] == 'wmsa' and m['metrics']['tokens'] == 256
     assert m['metrics']['test_data']['images'] == 200 and m['metrics']['flops_per_image'] > 0 and (tmp_path / 'res' / 'attention.png').is_file()
-    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'ck'), '--data', str(small), '--device', 'cpu']) == 2   # 32x32 data, 16x16 model
+    assert m['config']['model_size'] == 'tiny' and m['config']['size'] == 16 and m['config']['image_size'] == 16
+    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'ck'), '--test-data', str(small), '--device', 'cpu']) == 2   # 32x32 data, 16x16 model
     assert 'the model takes' in capsys.readouterr().err
-    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'ck'), '--data', str(small), '--resize', '16', '--device', 'cpu']) == 0
+    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'ck'), '--test-data', str(small), '--size', '16', '--device', 'cpu',
+                 '--out', str(tmp_path / 'ev')]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r['images'] == 200 and r['kind'] == 'wmsa' and r['acc'] == pytest.approx(m['metrics']['test_acc'], abs=0.011)
-    assert main(['eval', 'vit', '--ckpt', str(tmp_path / 'ck'), '--data', str(small)]) == 2
+    assert json.loads((tmp_path / 'ev' / 'metrics.json').read_text())['metrics'] == r
+    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'ck')]) == 2 and '--test-data' in capsys.readouterr().err
+    assert main(['eval', 'vit', '--ckpt', str(tmp_path / 'ck'), '--test-data', str(small)]) == 2
     assert 'wavenb eval wmsa' in capsys.readouterr().err
-    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'nothing'), '--data', str(small)]) == 2
+    assert main(['eval', 'wmsa', '--ckpt', str(tmp_path / 'nothing'), '--test-data', str(small)]) == 2
     assert 'config.json' in capsys.readouterr().err
     assert main(args + ['--steps', '6', '--radius', '2']) == 2 and 'another configuration' in capsys.readouterr().err
-    assert main(['train', 'vit', '--data', str(small), '--resize', '16', '--vit-patch', '4', '--dim', '16', '--depth', '1', '--heads', '2',
+    assert main(['train', 'vit', '--data', str(small), '--size', '16', '--vit-patch', '4', '--dim', '16', '--depth', '1', '--heads', '2',
                  '--batch-size', '16', '--valid-size', '50', '--steps', '3', '--ckpt', str(tmp_path / 'v'), '--out', str(tmp_path / 'vres')]) == 0
     v = json.loads((tmp_path / 'vres' / 'metrics.json').read_text())
     assert v['config']['kind'] == 'vit' and v['metrics']['tokens'] == 16 and abs(v['parameters'] - m['parameters']) / m['parameters'] < 0.2
+
+def test_compare_vit(tmp_path, capsys):
+    "`compare_vit`: the W-MSA run, then the ViT with the same options in CKPT/vit and OUT/vit, and the table of both in OUT/compare.md."
+    m = _tiny(tmp_path, steps=2, vit_patch=2, compare_vit=True)
+    w, v = (json.loads((tmp_path / 'res' / p / 'metrics.json').read_text()) for p in ('', 'vit'))
+    assert m['tokens'] == w['metrics']['tokens'] == 64 and v['metrics']['tokens'] == (8 // 2) ** 2
+    assert (w['config']['kind'], v['config']['kind']) == ('wmsa', 'vit') and v['steps'] == w['steps'] == 2
+    assert {k: v['config'][k] for k in ('lr', 'batch_size', 'valid_size', 'image_size')} == {k: w['config'][k] for k in ('lr', 'batch_size', 'valid_size', 'image_size')}
+    assert v['valid']['sha256'] == w['valid']['sha256']                              # the same validation images
+    assert (tmp_path / 'ck' / 'vit' / 'config.json').is_file()
+    table = (tmp_path / 'res' / 'compare.md').read_text()
+    assert '| res | W-MSA tiny, haar J=2 | 64 |' in table and '| vit | ViT tiny, patch 2 | 16 |' in table and table in capsys.readouterr().out
+    from wavenb.wmsa import train_classifier
+    with pytest.raises(ValueError, match='wavenb train wmsa'): train_classifier('vit', compare_vit=True, ckpt=tmp_path / 'v')
+
+@pytest.mark.parametrize('cmd', ['wmsa', 'vit'])
+def test_cli_help_lists_the_shared_options(cmd):
+    "Through the installed console script: the shared options, the model size apart from the image size, the wavelet options only for W-MSA."
+    import re
+    options = lambda text: set(re.findall(r'(?<![\w-])--[a-z][\w-]*', text.split('\n\n')[0]))   # the usage lines
+    h = run_cli('train', cmd, '--help')
+    assert h.returncode == 0, h.stderr
+    shared = {'--data', '--split', '--test-data', '--size', '--steps', '--minutes', '--batch-size', '--lr', '--warmup', '--ema', '--ckpt',
+              '--ckpt-every', '--out', '--device', '--seed', '--compile', '--workers'}
+    opts = options(h.stdout)
+    assert shared | {'--model-size', '--valid-size', '--vit-patch'} <= opts, shared - opts
+    assert '--model-size {tiny,small,base}' in h.stdout and not {'--resize', '--test'} & opts
+    assert f'(default: runs/{cmd})' in ' '.join(h.stdout.split())
+    assert ({'--levels', '--no-kernel', '--compare-vit'} <= opts) == (cmd == 'wmsa') and ('--levels' in opts) == (cmd == 'wmsa')
+    e = run_cli('eval', cmd, '--help')
+    assert e.returncode == 0 and options(e.stdout) == {'--ckpt', '--test-data', '--size', '--batch-size', '--device', '--out'}, e.stdout
 
 def test_augmentation_and_mixing():
     from wavenb.wmsa import AugCollate, MixCB, _ce

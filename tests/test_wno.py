@@ -7,8 +7,9 @@ from wavenb.haar import dwt2_stacked
 from wavenb.learner import GradClipCB, TrainingDiverged, load_checkpoint
 from wavenb.metrics import RandomFeatures
 from wavenb.wno import (HaarOperatorLayer, WNO, WNOLoss, WNOLearner, Perceptual, PatchDiscriminator, PatchGANCB, pyramid, grow,
-                        generate, gradient_l1, saved_bytes, evaluate_sr, evaluate_sr_onestep, upsample, train_wno, load_wno)
-from conftest import ROOT, SHARED
+                        generate, gradient_l1, saved_bytes, evaluate_sr, evaluate_sr_onestep, upsample, train_wno, load_wno,
+                        build_wno, wno_data, wno_loss, sample_wno)
+from conftest import ROOT, SHARED, run_cli
 
 def _model(**kw):
     torch.manual_seed(0)
@@ -245,9 +246,54 @@ def test_train_wno_end_to_end_resume_and_cli(tmp_path, monkeypatch, one_thread):
     model, cfg = load_wno(tmp_path / 'a')
     assert cfg['size'] == 16 and model.width == 8
     run = lambda *a: subprocess.run([sys.executable, '-m', 'wavenb.cli', *map(str, a)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    r = run('sample', 'wno', '--ckpt', tmp_path / 'a', '--n', 8, '--out', tmp_path / 'g.png', '--scales', tmp_path / 's.png', '--device', 'cpu')
+    r = run('sample', 'wno', '--ckpt', tmp_path / 'a', '--n', 8, '--out', tmp_path / 'g', '--device', 'cpu')
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / 'g.png').is_file() and (tmp_path / 's.png').is_file()
+    assert (tmp_path / 'g' / 'samples.png').is_file() and (tmp_path / 'g' / 'scales.png').is_file()
+    assert json.loads(r.stdout)['samples'] == str(tmp_path / 'g' / 'samples.png')
     with pytest.raises(FileNotFoundError, match='config.json'): load_wno(tmp_path / 'nothing')
     r = run('train', 'wno', '--size', '48', '--steps', '1', '--ckpt', tmp_path / 'c2', '--out', tmp_path / 'o2')
     assert r.returncode == 2 and 'size must be 4 * 2^k' in r.stderr
+
+def test_data_split_config_and_loss_helpers():
+    "The default test split is the seeded 10% of --data that train_wno always held out; bad configurations name their problem."
+    tr, te, cfg = wno_data('sample', size=16)
+    perm = torch.randperm(2000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(te.images, load_images(size=16).images[perm[:200]]) and len(tr) == 1800
+    assert (cfg['holdout'], cfg['split_seed'], cfg['test_sha256']) == (200, 0, te.checksum) and cfg['data_sha256'] == tr.checksum
+    tr, te, cfg = wno_data('sample', size=16, holdout=50, seed=1)
+    assert len(te) == 50 and torch.equal(te.images, load_images(size=16).images[torch.randperm(2000, generator=torch.Generator().manual_seed(1))[:50]])
+    tr, te, cfg = wno_data('sample', size=16, test_data='sample')
+    assert len(tr) == len(te) == 2000 and cfg['holdout'] is None
+    with pytest.raises(ValueError, match='not a WNO configuration'): build_wno({'K': 512})
+    crit, losses = wno_loss(3, scale_weights=(1, 2, 3), lambda_adv=0)
+    assert losses['scale_weights'] == [1, 2, 3] and losses['gan'] is None and losses['perceptual'] == crit.perceptual.name
+    with pytest.raises(ValueError, match='one weight per output scale'): wno_loss(3, scale_weights=[1.0])
+    with pytest.raises(ValueError, match="'inception' or 'random'"): train_wno(perceptual='vgg')
+
+def test_cli_help_lists_the_shared_options(capsys):
+    r = run_cli('train', 'wno', '--help')
+    assert r.returncode == 0, r.stderr
+    for opt in ('--data', '--split', '--test-data', '--size', '--steps', '--minutes', '--batch-size', '--lr', '--warmup', '--ema', '--ckpt',
+                '--ckpt-every', '--out', '--device', '--seed', '--compile', '--holdout', '--perceptual', '--scale-weights', '--memory'):
+        assert opt in r.stdout, opt
+    for gone in ('--max-minutes', '--test-split', '--fid-net'): assert gone not in r.stdout, gone
+    from wavenb.cli import build_parser
+    with pytest.raises(SystemExit): build_parser().parse_args(['sample', 'wno', '--help'])
+    h = capsys.readouterr().out
+    for opt in ('--ckpt', '--n', '--out', '--seed', '--device'): assert opt in h, opt
+
+def test_train_and_sample_through_the_console_script_without_ema(tmp_path):
+    "`wavenb train wno` with --ema 0: no EMA callback, and the run folder gives back its raw weights."
+    r = run_cli('train', 'wno', '--size', 16, '--steps', 2, '--width', 8, '--depth', 1, '--disc-width', 8, '--batch-size', 8, '--warmup', 1,
+                '--sr-images', 16, '--holdout', 32, '--ema', 0, '--lambda-adv', 0, '--scale-weights', 1, 2, '--ckpt', tmp_path / 'ck',
+                '--out', tmp_path / 'res', '--device', 'cpu', env={'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((tmp_path / 'res' / 'metrics.json').read_text())
+    assert info['steps'] == 2 and info['losses']['scale_weights'] == [1.0, 2.0] and info['losses']['gan'] is None
+    assert info['config']['holdout'] == 32 and info['test_dataset']['images'] == 32
+    ck = load_checkpoint(tmp_path / 'ck' / 'ckpt-00000002.pt')
+    assert 'EMACB' not in ck['callbacks'] and 'PatchGANCB' not in ck['callbacks']
+    model, cfg = load_wno(tmp_path / 'ck')
+    assert all(torch.equal(v, ck['model'][k]) for k, v in model.state_dict().items())
+    s = sample_wno(tmp_path / 'ck', n=4, out=tmp_path / 's', device='cpu')
+    assert (tmp_path / 's' / 'samples.png').is_file() and s['images'] == 4 and s['size'] == 16

@@ -9,13 +9,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .learner import Callback
+from .data import to_float
+from .learner import Learner, save_config
+from .metrics import InceptionFeatures, save_grid, dataset_info, write_metrics
+from .run import train_test, run_callbacks, fid_metric, sample_and_score, load_model, add_command
 from .vqvae import BandVQVAE, load_vqvae, band_names
 
 # %% auto #0
 __all__ = ['codes_to_seq', 'seq_to_codes', 'Block', 'CodePrior', 'prior_loss', 'filter_logits', 'sample_codes', 'prior_nll',
            'CodeSet', 'collate_codes', 'encode_images', 'check_vqvae_images', 'vqvae_data', 'sampling_throughput',
-           'build_prior', 'train_ar', 'load_ar', 'sample_ar', 'add_cli']
+           'build_prior', 'code_sampler', 'ar_report', 'train_ar', 'load_ar', 'sample_ar', 'add_cli']
 
 # %% ../nbs/21_wavelet_ar.ipynb #f133b5de
 def codes_to_seq(codes: list[Tensor]) -> Tensor:
@@ -182,16 +185,13 @@ def check_vqvae_images(vcfg: dict, train, test, vqvae='the VQ-VAE folder'):
                              f"these are {s.name!r} (sha256 {s.checksum[:12]}...); give the VQ-VAE's data, test data and held-out split")
 
 def vqvae_data(vqvae, vcfg: dict, data: str = 'sample', split: str | None = None, test_data: str | None = None,
-               test_split: str | None = None, holdout: int | None = None, seed: int = 0):
+               holdout: int | None = None, seed: int = 0):
     "(training, test) images of the VQ-VAE in folder `vqvae` (config `vcfg`): its held-out split rebuilt, both checksums checked."
-    from wavenb.data import load_images
-    from wavenb.vqvae import _split_test
     if holdout is None: holdout = vcfg.get('holdout', 200)          # the VQ-VAE's (200: folders that do not record it)
     if test_data is None and holdout is None:
         raise ValueError(f'the VQ-VAE in {vqvae} was tested on {vcfg.get("test")!r}, not on held-out training images: give that test data')
     if vcfg.get('split_seed') is not None: seed = vcfg['split_seed']
-    size = vcfg.get('size')
-    train, test = _split_test(load_images(data, split, size=size), test_data, test_split, size, holdout, seed)
+    train, test, _ = train_test(data, split, test_data, vcfg.get('size'), holdout, seed)
     if train.shape != tuple(vcfg['shape']): raise ValueError(f'the VQ-VAE in {vqvae} was trained on {vcfg["shape"]} images, these are {train.shape}')
     check_vqvae_images(vcfg, train, test, vqvae)
     return train, test
@@ -213,145 +213,110 @@ def sampling_throughput(prior: CodePrior, n: int = 256, seed: int = 0, **kw) -> 
     same = (r.pop(True) == r.pop(False)).all(1).double().mean().item()
     return dict(r, n=n, speedup=r['uncached']['seconds'] / r['cached']['seconds'], same_codes_fraction=same)
 
+# %% ../nbs/21_wavelet_ar.ipynb #7f5d3519
 def build_prior(cfg: dict) -> CodePrior:
+    "The prior of a configuration dict (as saved in `config.json`)."
     return CodePrior(cfg['shapes'], cfg['K'], cfg['d'], cfg['layers'], cfg['heads'], cfg['dropout'])
 
-def train_ar(vqvae='runs/vqvae', data: str = 'sample', split: str | None = None, test_data: str | None = None,
-             test_split: str | None = None, holdout: int | None = None, d: int = 256, layers: int = 8, heads: int = 8,
-             dropout: float = 0.0, steps: int = 2000, batch_size: int = 128, lr: float = 5e-4, warmup: int = 200,
-             ema: float = 0.999, flip: bool = True, ckpt='runs/ar', ckpt_every: int = 1000, out='figures/ar',
-             max_minutes: float | None = None, eval_samples: int = 0, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, throughput_n: int = 256, fid_weights=None, device=None, seed: int = 0) -> dict:
-    "Train the code prior of a `train_vqvae` folder on its training images; write checkpoints, `out/metrics.json` and `out/samples.png`."
-    from wavenb.data import to_uint8, to_float
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
-    from wavenb.metrics import FIDKID, InceptionFeatures, save_grid, dataset_info
+def code_sampler(prior: CodePrior, vq: BandVQVAE, generator: torch.Generator | None = None, use_cache: bool = True, **kw):
+    "`sample_fn(b)`: `b` images in [-1, 1], codes drawn from `prior` (`kw`: temperature, top_k, top_p) and decoded by `vq`."
+    def sample_fn(b: int) -> Tensor:
+        s = sample_codes(prior, b, use_cache=use_cache, generator=generator, **kw)
+        return vq.decode(seq_to_codes(s, prior.shapes)).float().clamp(-1, 1)
+    return sample_fn
+
+# %% ../nbs/21_wavelet_ar.ipynb #21f69b0c
+def ar_report(L, vq: BandVQVAE, test, test_seqs: Tensor, out: Path, sampling: dict, throughput_n: int = 256, seed: int = 0,
+              eval_samples: int = 0, fid_net: nn.Module | None = None, reference=None) -> dict:
+    "With the EMA weights (if any): test NLL, KV-cache throughput, `out/samples.png`, and FID/KID of samples and of the VQ-VAE's reconstructions."
+    m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
+    r = dict(prior_nll(m, test_seqs, test.shape[1] * test.shape[2]), tokens_per_image=m.T, bands=vq.bands, test_set=dataset_info(test),
+             stopped_early_at=L.step if L.step < L.max_steps else None, sampling=dict(sampling, weights='raw' if L.ema_model is None else 'EMA'))
+    r['throughput'] = sampling_throughput(m, throughput_n, seed, **sampling)
+    sample = code_sampler(m, vq, torch.Generator(device=L.device).manual_seed(seed), **sampling)
+    save_grid(sample(64), out / 'samples.png', 8, 'symmetric')
+    if eval_samples > 0:
+        fk = fid_metric(reference, fid_net, device=L.device)                   # against the whole training split
+        r.update(sample_and_score(sample, eval_samples, fk, batch=1000, scale='symmetric', reference=reference))
+        rec = (vq(to_float(x.to(L.device), 'symmetric'))['image'] for x in test.images.split(1000))
+        r['fid_vqvae_reconstructions_of_test'] = sample_and_score(lambda b: next(rec), len(test), fk, 1000, 'symmetric')['fid']
+    return r
+
+# %% ../nbs/21_wavelet_ar.ipynb #af1383d8
+def _opt_int(v: int | None): return None if v is None or v <= 0 else v
+
+def train_ar(vqvae: str = 'runs/vqvae',  # checkpoint folder written by wavenb train vqvae
+             data: str = 'sample', split: str | None = None, test_data: str | None = None,
+             holdout: int | None = None,  # images held out of --data for testing (default: the VQ-VAE's, from its config.json)
+             d: int = 256,  # Transformer width
+             layers: int = 8,  # Transformer blocks
+             heads: int = 8,  # attention heads per block
+             dropout: float = 0.0,  # dropout in attention and MLP
+             flip: bool = True,  # add the codes of the mirrored training images
+             eval_samples: int = 0,  # FID/KID of this many decoded samples at the end (0: none)
+             temperature: float = 1.0,  # sampling temperature (0: arg-max)
+             top_k: int | None = None,  # sample among the k most likely codes (0 or unset: all)
+             top_p: float | None = None,  # sample among the smallest set of codes with this probability mass
+             throughput_n: int = 256,  # sequences sampled to time the KV cache
+             fid_weights: str | nn.Module | None = None,  # TorchScript FID Inception network (see wavenb fid --help); in Python also a feature network
+             steps: int = 2000, minutes: float | None = None, batch_size: int = 128, lr: float = 5e-4, warmup: int = 200,
+             ema: float = 0.999, ckpt: str = 'runs/ar', ckpt_every: int = 1000, out: str = 'figures/ar', device: str | None = None,
+             seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
+    """Train a causal Transformer prior on the codes of a `train_vqvae` folder's training images (checkpoints resume exactly);
+    writes OUT/metrics.json (NLL, KV-cache throughput, FID/KID), OUT/samples.png and OUT/loss.png."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     vq, vcfg = load_vqvae(vqvae, device)
-    ds, test = vqvae_data(vqvae, vcfg, data, split, test_data, test_split, holdout, seed)   # the VQ-VAE's images, checked
-    C, H, W = ds.shape
-    ckpt, out = Path(ckpt), Path(out)
-    cfg = dict(vqvae=str(vqvae), vqvae_config=vcfg, shapes=[list(s) for s in vq.latent_shapes(H, W)], K=vq.K, d=d, layers=layers,
-               heads=heads, dropout=dropout, flip=flip, data=ds.name, data_sha256=ds.checksum, test=test.name, test_sha256=test.checksum)
+    train, test = vqvae_data(vqvae, vcfg, data, split, test_data, holdout, seed)   # the VQ-VAE's images, checked
+    cfg = dict(vqvae=str(vqvae), vqvae_config=vcfg, shapes=[list(s) for s in vq.latent_shapes(*train.shape[1:])], K=vq.K, d=d,
+               layers=layers, heads=heads, dropout=dropout, flip=flip, data=train.name, data_sha256=train.checksum, test=test.name,
+               test_sha256=test.checksum)
+    torch.manual_seed(seed)                                    # --seed sets the initial weights
     prior = build_prior(cfg)
     fid_net = None                  # built now: a missing FID network fails before training, not after it
     if eval_samples > 0: fid_net = fid_weights if isinstance(fid_weights, nn.Module) else InceptionFeatures(fid_weights)
     cfg = save_config(ckpt, cfg)
     t0 = time.perf_counter()
-    seqs, test_seqs = encode_images(vq, ds.images, flip), encode_images(vq, test.images)
-    encode_s = time.perf_counter() - t0
+    seqs, test_seqs = encode_images(vq, train.images, flip), encode_images(vq, test.images)
+    encode_s, sampling = round(time.perf_counter() - t0, 2), dict(temperature=temperature, top_k=_opt_int(top_k), top_p=top_p)
+    report = lambda L: dict(ar_report(L, vq, test, test_seqs, Path(out), sampling, throughput_n, seed, eval_samples, fid_net, train),
+                            encode_s=encode_s)
+    cbs = run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every, dataset=train, metrics_fn=report, experiment='ar',
+                        config=cfg, sequences=len(seqs), figures=['samples.png', 'loss.png'])
+    return Learner(prior, CodeSet(seqs), prior_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
+                   num_workers=workers, collate=collate_codes, cbs=cbs).fit(steps).results
 
-    def evaluate(L) -> dict:
-        m, dev = L.ema_model.eval(), L.device
-        r = dict(prior_nll(m, test_seqs, H * W), tokens_per_image=m.T, bands=vq.bands, encode_s=round(encode_s, 2),
-                 test_set=dataset_info(test), stopped_early_at=L.step if L.step < L.max_steps else None,
-                 sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, weights='EMA'))
-        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        r['throughput'] = sampling_throughput(m, throughput_n, seed, **kw)
-        g = torch.Generator(device=dev).manual_seed(seed)
-        decode = lambda s: vq.decode(seq_to_codes(s.to(dev), vq.latent_shapes(H, W))).float().clamp(-1, 1)
-        save_grid(decode(sample_codes(m, 64, generator=g, **kw)), out / 'samples.png', 8, 'symmetric')
-        if eval_samples > 0:
-            fk = FIDKID(fid_net, device=dev).set_real(ds)
-            n, t = 0, time.perf_counter()
-            while n < eval_samples:
-                b = min(1000, eval_samples - n)
-                fk.add_fake(to_uint8(decode(sample_codes(m, b, generator=g, **kw)), 'symmetric')); n += b
-            f = fk.compute()
-            r.update(fid=f['fid'], kid=f['kid'], kid_std=f['kid_std'], fid_samples=f['n_fake'], fid_reference=f['reference'],
-                     fid_reference_images=f['n_real'], fid_feature_net=f['feature_net'], fid_sample_and_feature_s=round(time.perf_counter() - t, 1))
-            fk.reset_fake()
-            for i in range(0, len(test), 1000):
-                x = to_float(test.images[i:i + 1000].to(dev), 'symmetric')
-                fk.add_fake(to_uint8(vq(x)['image'].float().clamp(-1, 1), 'symmetric'))
-            r['fid_vqvae_reconstructions_of_test'] = fk.compute()['fid']
-        return r
-
-    cbs = [LRScheduleCB(warmup, minutes=max_minutes), GradClipCB(1.0), EMACB(ema), ProgressCB(every=20), *([TimeLimitCB(max_minutes)] if max_minutes else []),
-           CheckpointCB(ckpt, every=ckpt_every, keep=2),
-           ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment='ar', config=cfg, sequences=len(seqs), figures=['samples.png', 'loss.png'])]
-    learn = Learner(prior, CodeSet(seqs), prior_loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                    collate=collate_codes, cbs=cbs)
-    learn.fit(steps)
-    return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
-
+# %% ../nbs/21_wavelet_ar.ipynb #650f45b1
 def load_ar(ckpt, device='cpu') -> tuple[CodePrior, dict]:
-    "Rebuild (prior with EMA weights, in eval mode; config) from a `train_ar` checkpoint folder."
-    from wavenb.learner import load_run, ema_state, load_weights
-    cfg, ck, path = load_run(ckpt, 'train_ar')
-    if 'shapes' not in cfg or 'layers' not in cfg: raise ValueError(f'{ckpt}/config.json is not a train_ar configuration')
-    prior = build_prior(cfg)
-    load_weights(prior, ema_state(ck, path), path, 'EMA prior')
-    return prior.to(device).eval(), cfg
+    "Rebuild (prior in eval mode, with its EMA weights if the run kept an EMA; config) from a `train_ar` checkpoint folder."
+    def build(cfg):
+        if 'shapes' not in cfg or 'layers' not in cfg: raise ValueError(f'{ckpt}/config.json is not a train_ar configuration')
+        return build_prior(cfg)
+    return load_model(ckpt, build, 'train_ar', device=device)
 
-def sample_ar(ckpt, n: int = 64, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-              out=None, seed: int = 0, device=None, vqvae=None, use_cache: bool = True) -> Tensor:
-    "Sample `n` images in [-1, 1] from a `train_ar` folder (EMA weights) decoded by its VQ-VAE (or `vqvae`); optionally save a grid."
-    from wavenb.metrics import save_grid
+def sample_ar(ckpt: str = 'runs/ar',  # checkpoint folder written by wavenb train ar
+              n: int = 64,  # images to sample
+              temperature: float = 1.0,  # sampling temperature (0: arg-max)
+              top_k: int | None = None,  # sample among the k most likely codes (0 or unset: all)
+              top_p: float | None = None,  # sample among the smallest set of codes with this probability mass
+              cache: bool = True,  # use the KV cache (off: recompute the prefix at every step; slow, for comparison)
+              vqvae: str | None = None,  # the VQ-VAE folder (default: the one the prior was trained on)
+              out: str = 'samples/ar', device: str | None = None, seed: int = 0) -> dict:
+    "Sample `n` images from a `train_ar` folder (EMA weights), decoded by its VQ-VAE; writes OUT/samples.png and OUT/metrics.json."
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     prior, cfg = load_ar(ckpt, device)
-    vq, _ = load_vqvae(vqvae or cfg['vqvae'], device)
+    vqvae = str(vqvae or cfg['vqvae'])
+    vq, _ = load_vqvae(vqvae, device)
     if [list(s) for s in vq.latent_shapes(*cfg['vqvae_config']['shape'][1:])] != cfg['shapes'] or vq.K != cfg['K']:
-        raise ValueError(f'the VQ-VAE in {vqvae or cfg["vqvae"]} does not match the prior in {ckpt} (code grids or codebook size differ)')
-    s = sample_codes(prior, n, temperature, top_k, top_p, use_cache, torch.Generator(device=device).manual_seed(seed))
-    imgs = vq.decode(seq_to_codes(s, cfg['shapes'])).float().clamp(-1, 1)
-    if out: save_grid(imgs, out, 8, 'symmetric')
-    return imgs
+        raise ValueError(f'the VQ-VAE in {vqvae} does not match the prior in {ckpt} (code grids or codebook size differ)')
+    kw = dict(temperature=temperature, top_k=_opt_int(top_k), top_p=top_p)
+    t0 = time.perf_counter()
+    save_grid(code_sampler(prior, vq, torch.Generator(device=device).manual_seed(seed), cache, **kw)(n), Path(out) / 'samples.png', 8, 'symmetric')
+    r = dict(images=n, seconds=round(time.perf_counter() - t0, 2), sampling=dict(kw, cache=cache, seed=seed), ckpt=str(ckpt), vqvae=vqvae)
+    write_metrics(out, r, device=device, experiment='sample_ar', figures=['samples.png'])
+    return r
 
 # %% ../nbs/21_wavelet_ar.ipynb #71249ab3
-def _opt_int(v: int | None): return None if v is None or v <= 0 else v
-
-def _train_cli(a):
-    from wavenb.cli import parse_source
-    src, split = parse_source(a.data)
-    tsrc, tsplit = parse_source(a.test_data) if a.test_data else (None, None)
-    m = train_ar(a.vqvae, src, a.split or split, tsrc, tsplit, a.holdout, a.d, a.layers, a.heads, a.dropout, a.steps, a.batch_size,
-                 a.lr, a.warmup, a.ema, not a.no_flip, a.ckpt, a.ckpt_every, a.out, a.max_minutes, a.eval_samples, a.temperature,
-                 _opt_int(a.top_k), a.top_p, a.throughput_n, a.fid_weights, a.device, a.seed)
-    print(json.dumps({k: v for k, v in m.items() if not isinstance(v, (dict, list))}, indent=1))
-    return 0
-
-def _sample_cli(a):
-    sample_ar(a.ckpt, a.n, a.temperature, _opt_int(a.top_k), a.top_p, a.out, a.seed, a.device, a.vqvae, not a.no_cache)
-    print('wrote', a.out)
-    return 0
-
-def _sampling_args(s):
-    s.add_argument('--temperature', type=float, default=1.0, help='0: arg-max')
-    s.add_argument('--top-k', type=int, help='keep the k most likely codes (0 or unset: all)')
-    s.add_argument('--top-p', type=float, help='keep the smallest set of codes with this probability mass')
-
 def add_cli(cmds: dict):
-    "Add `wavenb train ar` and `wavenb sample ar` to the `wavenb` command's subparsers."
-    s = cmds['train'].add_parser('ar', help='autoregressive Transformer prior over VQ-VAE codes',
-                                 description='Train a causal Transformer prior on the codes of a `wavenb train vqvae` folder (checkpoints '
-                                 'resume exactly); writes OUT/metrics.json (NLL, KV-cache throughput, FID/KID), OUT/samples.png, OUT/loss.png.')
-    s.add_argument('--vqvae', required=True, help='checkpoint folder written by wavenb train vqvae')
-    s.add_argument('--data', default='sample', help='data source[:split] (the VQ-VAE\'s training data)')
-    s.add_argument('--split')
-    s.add_argument('--test-data', help="test images source[:split] (the VQ-VAE's; default: its held-out training images)")
-    s.add_argument('--holdout', type=int, help="held-out training images (default: the VQ-VAE's, from its config.json)")
-    s.add_argument('--d', type=int, default=256, help='Transformer width'); s.add_argument('--layers', type=int, default=8)
-    s.add_argument('--heads', type=int, default=8); s.add_argument('--dropout', type=float, default=0.0)
-    s.add_argument('--steps', type=int, default=2000); s.add_argument('--batch-size', type=int, default=128)
-    s.add_argument('--lr', type=float, default=5e-4); s.add_argument('--warmup', type=int, default=200)
-    s.add_argument('--ema', type=float, default=0.999)
-    s.add_argument('--no-flip', action='store_true', help='do not add the codes of mirrored training images')
-    s.add_argument('--minutes', '--max-minutes', dest='max_minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (results are still written)')
-    s.add_argument('--ckpt', default='runs/ar', help='checkpoint folder (re-running resumes from it)')
-    s.add_argument('--ckpt-every', type=int, default=1000)
-    s.add_argument('--out', default='figures/ar', help='results folder')
-    s.add_argument('--eval-samples', type=int, default=0, help='FID/KID on this many samples at the end (0: none)')
-    s.add_argument('--throughput-n', type=int, default=256, help='sequences sampled for the KV-cache timing')
-    _sampling_args(s)
-    s.add_argument('--fid-weights', help='TorchScript FID Inception network (see wavenb fid --help)')
-    s.add_argument('--device'); s.add_argument('--seed', type=int, default=0)
-    s.set_defaults(fn=_train_cli)
-    s = cmds['sample'].add_parser('ar', help='sample images from a trained code prior',
-                                  description='Sample codes from a `wavenb train ar` folder (EMA weights) and decode them with its VQ-VAE.')
-    s.add_argument('--ckpt', required=True, help='checkpoint folder written by wavenb train ar')
-    s.add_argument('--vqvae', help='the VQ-VAE folder (default: the one the prior was trained on)')
-    s.add_argument('--n', type=int, default=64); _sampling_args(s)
-    s.add_argument('--no-cache', action='store_true', help='recompute the prefix at every step (slow; for comparison)')
-    s.add_argument('--out', default='samples.png'); s.add_argument('--seed', type=int, default=0); s.add_argument('--device')
-    s.set_defaults(fn=_sample_cli)
+    "Add `wavenb train ar` and `wavenb sample ar` to the `wavenb` command's subparsers: their options are `train_ar`'s and `sample_ar`'s parameters."
+    add_command(cmds['train'], 'ar', train_ar, help='autoregressive Transformer prior over VQ-VAE codes')
+    add_command(cmds['sample'], 'ar', sample_ar, help='sample images from a trained code prior')

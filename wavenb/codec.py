@@ -4,22 +4,25 @@
 
 # %% ../nbs/41_codec.ipynb #b76f4790
 from __future__ import annotations
-import contextlib, hashlib, io, json, math, os, struct, time, zlib
+import contextlib, hashlib, io, json, math, os, struct, time, typing, zlib
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .flow import WaveletFlow, irct, rct, level_sizes, load_flow, save_flow, ll_grid
-from .learner import Callback
-from .data import load_images
+from .flow import (WaveletFlow, WaveletFlowTransform, IntCollate, bpd_loss, irct, rct, level_sizes, load_flow, save_flow, ll_grid,
+                         plot_filters)
+from .learner import Learner, save_config
+from .metrics import psnr, ssim, save_grid
+from .run import load_source, train_test, run_callbacks, load_model, add_command
 
 # %% auto #0
-__all__ = ['PREC', 'RANS_L', 'M', 'HEADER', 'MAGIC', 'VERSION', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables',
-           'mixture_cdf', 'quantised_cdf', 'model_id', 'one_thread', 'symbols', 'compress', 'read_header', 'decompress',
-           'theoretical_bits', 'll_to_image', 'progressive', 'plot_progressive', 'baseline_bytes', 'cubic_kernel',
-           'upsample_matrix', 'upsample', 'super_resolution', 'plot_sr', 'coded_subset', 'evaluate_flow', 'train_flow',
-           'read_image', 'add_cli', 'flow_report']
+__all__ = ['PREC', 'RANS_L', 'M', 'HEADER', 'MAGIC', 'VERSION', 'FLOW_KEYS', 'PUBLISHED_BPD_CIFAR10', 'CodecError', 'RansEncoder',
+           'RansDecoder', 'mixture_tables', 'mixture_cdf', 'quantised_cdf', 'model_id', 'one_thread', 'symbols',
+           'compress', 'read_header', 'decompress', 'theoretical_bits', 'll_to_image', 'progressive',
+           'plot_progressive', 'baseline_bytes', 'cubic_kernel', 'upsample_matrix', 'upsample', 'super_resolution',
+           'plot_sr', 'coded_subset', 'coding_metrics', 'evaluate_flow', 'build_flow', 'load_flow_run', 'train_flow',
+           'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report']
 
 # %% ../nbs/41_codec.ipynb #f133b5de
 PREC, RANS_L = 24, 1 << 31
@@ -302,7 +305,6 @@ def upsample(low: Tensor, size: tuple, step: float, origin: tuple = (0., 0.), mo
 @torch.no_grad()
 def super_resolution(model: WaveletFlow, images: Tensor, level: int = 0, temperatures=(0.0, 1.0), seed: int = 0) -> dict:
     "PSNR/SSIM of 2^(level+1)x super-resolution from the flow's LL: flow samples at each temperature vs nearest and bicubic on the LL's grid."
-    from wavenb.metrics import psnr, ssim
     dev = next(model.parameters()).device
     x = images.to(dev).float()
     lls = []
@@ -332,28 +334,15 @@ def plot_sr(images: Tensor, sr: dict, path=None, n: int = 6):
     if path: fig.savefig(path, bbox_inches='tight'); plt.close(fig)
     return fig
 
+# %% ../nbs/41_codec.ipynb #29e5deed
 def coded_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
     "The test images `evaluate_flow` codes: the first `n` of a seeded random order (super-resolution uses the first `sr_images` of them)."
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
 
-def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, streams: int = 256, sr_images: int = 256, batch: int = 500, seed: int = 0,
-                  per_image_files: int | None = None) -> dict:
-    "Bits/dim (model, float64 theoretical, real files), every codec one file per image on the same images, speeds, progressive/SR/samples/filter figures."
-    from wavenb.flow import plot_filters, WaveletFlowTransform
-    from wavenb.metrics import save_grid
+def coding_metrics(model: WaveletFlow, sub: Tensor, streams: int = 256, per_image_files: int | None = None) -> tuple[dict, list[bytes]]:
+    "`(metrics, the flow's one-image files)`: `sub` as one file (bit-exact, timed) vs its theoretical bits, and every codec one file per image."
     if per_image_files is not None and per_image_files < 1: raise ValueError(f'per_image_files must be at least 1, got {per_image_files}')
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    dev = next(model.parameters()).device
-    imgs = test.images
-    dims = imgs[0].numel()
-    t0 = time.perf_counter()
-    with torch.no_grad(): bpd = torch.cat([model(imgs[i:i + batch].to(dev).float()).cpu() for i in range(0, len(imgs), batch)])
-    if dev.type == 'cuda': torch.cuda.synchronize()
-    res = dict(test_images=len(imgs), bpd_model_fp32=bpd.mean().item(),
-               model_forward_images_per_s=round(len(imgs) / (time.perf_counter() - t0), 1), model_forward_device=str(dev))
-    sub = coded_subset(imgs, code_images, seed)
-    n = len(sub) * dims
+    dims = sub[0].numel(); n = len(sub) * dims
     t0 = time.perf_counter(); data = compress(model, sub, streams); t1 = time.perf_counter()
     back = decompress(model, data); t2 = time.perf_counter()
     if not torch.equal(back, sub): raise RuntimeError('the decoded images differ from the originals')
@@ -362,11 +351,29 @@ def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, stream
     k = len(sub) if per_image_files is None else min(per_image_files, len(sub))
     files = [compress(model, sub[i:i + 1], 1) for i in range(k)]
     per = {c: 8 * b / (k * dims) for c, b in dict(flow=sum(map(len, files)), **baseline_bytes(sub[:k])).items()}
-    res.update(coded_images=len(sub), bpd_theoretical=theo, bpd_file=8 * len(data) / n, file_bytes=len(data),
-               file_overhead_pct=100 * (8 * len(data) / n / theo - 1), bit_exact=True, streams=min(streams, len(sub)),
-               encode_images_per_s_cpu=round(len(sub) / (t1 - t0), 2), decode_images_per_s_cpu=round(len(sub) / (t2 - t1), 2),
-               per_image_files=k, per_image_bpd=per, per_image_saving_vs_webp_pct=100 * (1 - per['flow'] / per['webp_lossless']),
-               per_image_saving_vs_png_pct=100 * (1 - per['flow'] / per['png']))
+    return dict(coded_images=len(sub), bpd_theoretical=theo, bpd_file=8 * len(data) / n, file_bytes=len(data),
+                file_overhead_pct=100 * (8 * len(data) / n / theo - 1), bit_exact=True, streams=min(streams, len(sub)),
+                encode_images_per_s_cpu=round(len(sub) / (t1 - t0), 2), decode_images_per_s_cpu=round(len(sub) / (t2 - t1), 2),
+                per_image_files=k, per_image_bpd=per, per_image_saving_vs_webp_pct=100 * (1 - per['flow'] / per['webp_lossless']),
+                per_image_saving_vs_png_pct=100 * (1 - per['flow'] / per['png'])), files
+
+# %% ../nbs/41_codec.ipynb #c1c84c16
+def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, streams: int = 256, sr_images: int = 256, batch: int = 500, seed: int = 0,
+                  per_image_files: int | None = None) -> dict:
+    "Bits/dim (model, float64 theoretical, real files), every codec one file per image on the same images, speeds, progressive/SR/samples/filter figures."
+    if per_image_files is not None and per_image_files < 1: raise ValueError(f'per_image_files must be at least 1, got {per_image_files}')
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    dev = next(model.parameters()).device
+    imgs = test.images
+    t0 = time.perf_counter()
+    with torch.no_grad(): bpd = torch.cat([model(imgs[i:i + batch].to(dev).float()).cpu() for i in range(0, len(imgs), batch)])
+    if dev.type == 'cuda': torch.cuda.synchronize()
+    res = dict(test_images=len(imgs), bpd_model_fp32=bpd.mean().item(),
+               model_forward_images_per_s=round(len(imgs) / (time.perf_counter() - t0), 1), model_forward_device=str(dev))
+    sub = coded_subset(imgs, code_images, seed)
+    coding, files = coding_metrics(model, sub, streams, per_image_files)
+    res.update(coding)
     steps = progressive(model, files[0])
     if not torch.equal(steps[-1]['image'], sub[0]): raise RuntimeError('the one-image file did not decode to its image')
     plot_progressive(steps, out / 'progressive.png')
@@ -384,44 +391,55 @@ def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, stream
     model.to(dev)
     return res
 
+# %% ../nbs/41_codec.ipynb #af9a1f2c
+FLOW_KEYS = ('channels', 'init', 'lift_width', 'lift_depth', 'prior_width', 'prior_depth', 'K', 'levels')
+
+def build_flow(cfg: dict) -> WaveletFlow:
+    "The (untrained) flow of a `train_flow` configuration."
+    if missing := [k for k in FLOW_KEYS if k not in cfg]: raise ValueError(f'not a wavelet flow configuration: it lacks {missing}')
+    return WaveletFlow(**{k: cfg[k] for k in FLOW_KEYS})
+
+def load_flow_run(ckpt, ema: bool = True, device='cpu') -> tuple[WaveletFlow, dict]:
+    "`(flow in eval mode, config)` from a `train_flow` checkpoint folder's newest checkpoint: its EMA weights (if any and `ema`), else the raw ones."
+    return load_model(ckpt, build_flow, 'train_flow', ema, device)
+
 # %% ../nbs/41_codec.ipynb #1433c866
-def train_flow(data: str = 'sample', split: str | None = None, test: str | None = None, test_split: str | None = None,
-               steps: int = 1000, batch_size: int = 64, lr: float = 1e-3, warmup: int = 200, ema: float = 0.999,
-               init: str = 'legall', lift_width: int = 32, lift_depth: int = 2, prior_width: int = 96, prior_depth: int = 4, K: int = 5,
-               minutes: float | None = None, ckpt='runs/flow', out='figures/flow', code_images: int = 1000, streams: int = 256,
-               sr_images: int = 256, device=None, seed: int = 0, experiment: str = 'flow', per_image_files: int | None = None) -> dict:
-    "Train a wavelet flow on `data`, save `ckpt/model.pt`, evaluate on `test` (default: 10% of the data held out) into `out`."
-    from wavenb.flow import IntCollate, bpd_loss
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
-    ds = load_images(data, split)
-    if test is None:   # hold out a random 10% (the embedded sample is stored class by class)
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-        k = max(len(ds) // 10, 1)
-        ds, test_ds = ds.subset(perm[k:]), ds.subset(perm[:k])
-    else: test_ds = load_images(test, test_split)
-    if test_ds.shape != ds.shape: raise ValueError(f'train images {ds.shape} and test images {test_ds.shape} differ in shape')
-    ckpt, out = Path(ckpt), Path(out)
-    model = WaveletFlow(ds.shape[0], init, lift_width, lift_depth, prior_width, prior_depth, K)
-    cfg = dict(model.config, data=ds.name, data_sha256=ds.checksum, test=test_ds.name, test_sha256=test_ds.checksum)
-    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration
+PUBLISHED_BPD_CIFAR10 = {'original neural wavelet flow, coded file (theoretical 3.58), as claimed by the original work': 3.59,
+                         'Glow (Kingma & Dhariwal 2018)': 3.35, 'RealNVP (Dinh et al. 2017)': 3.49}
 
+def train_flow(data: str = 'sample', split: str | None = None, test_data: str | None = None,
+               holdout: int | None = None,  # images held out of --data for testing when there is no --test-data (default: a tenth of them)
+               init: typing.Literal['legall', 'haar'] = 'legall',  # the lifting the flow starts from
+               lift_width: int = 32,  # channels of the learned predict/update networks (0: the plain lifting)
+               lift_depth: int = 2,  # layers of the predict/update networks
+               prior_width: int = 96,  # channels of the band prior's networks
+               prior_depth: int = 4,  # layers of the band prior's networks
+               K: int = 5,  # logistic mixture components
+               steps: int = 1000, minutes: float | None = None, batch_size: int = 64, lr: float = 1e-3, warmup: int = 200, ema: float = 0.999,
+               ckpt: str = 'runs/flow', ckpt_every: int | None = None, out: str = 'figures/flow',
+               code_images: int = 1000,  # test images coded to a real file
+               per_image_files: int | None = None,  # of those, how many are also coded one per file, the comparison with PNG/WebP (default: all)
+               streams: int = 256,  # interleaved rANS streams
+               sr_images: int = 256,  # of the coded images, how many are super-resolved
+               experiment: str = 'flow',  # the experiment's name in metrics.json
+               device: str | None = None, seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
+    """Train the integer wavelet flow for lossless compression; checkpoints resume exactly (every `ckpt_every` steps, default a quarter
+    of `steps` but at least 100). Writes CKPT/model.pt (the EMA weights, what wavenb compress uses) and OUT/metrics.json: bits/dim,
+    the coded files against PNG/WebP, super-resolution, figures."""
+    if holdout is None and not test_data: holdout = max(len(load_source(data, split=split)) // 10, 1)
+    train, test, dcfg = train_test(data, split, test_data, None, holdout, seed)
+    model = WaveletFlow(train.shape[0], init, lift_width, lift_depth, prior_width, prior_depth, K)
+    cfg = save_config(ckpt, dict(model.config, **dcfg))     # a resumed folder must hold this configuration (and these images)
     def evaluate(L) -> dict:
-        m = L.ema_model.eval()
-        save_flow(m, ckpt / 'model.pt')
-        return evaluate_flow(m, test_ds, out, code_images, streams, sr_images, seed=seed, per_image_files=per_image_files)
-
-    cbs = [LRScheduleCB(warmup, minutes=minutes), GradClipCB(1.0), EMACB(ema), ProgressCB(every=50), *([TimeLimitCB(minutes)] if minutes else []),
-           CheckpointCB(ckpt, every=max(steps // 4, 100), keep=2),
-           ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment=experiment, config=cfg, test_dataset=test_ds.describe() | {'sha256': test_ds.checksum},
-                     published_bpd_cifar10={'original neural wavelet flow, coded file (theoretical 3.58), as claimed by the original work': 3.59,
-                                            'Glow (Kingma & Dhariwal 2018)': 3.35, 'RealNVP (Dinh et al. 2017)': 3.49})]
-    learn = Learner(model, ds, bpd_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, precision='fp32',
-                    collate=IntCollate(flip=True), valid_collate=IntCollate(), cbs=cbs)
-    learn.fit(steps)
-    return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
-
-# %% ../nbs/41_codec.ipynb #5906f1d1
-import os
+        m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
+        save_flow(m, Path(ckpt) / 'model.pt')
+        return evaluate_flow(m, test, out, code_images, streams, sr_images, seed=seed, per_image_files=per_image_files)
+    cbs = run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every or max(steps // 4, 100), progress_every=50,
+                        dataset=train, metrics_fn=evaluate, experiment=experiment, config=cfg,
+                        test_dataset=test.describe() | {'sha256': test.checksum}, published_bpd_cifar10=PUBLISHED_BPD_CIFAR10)
+    return Learner(model, train, bpd_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, precision='fp32', compile=compile,
+                   num_workers=workers,
+                   collate=IntCollate(flip=True), valid_collate=IntCollate(), cbs=cbs).fit(steps).results
 
 # %% ../nbs/41_codec.ipynb #a27bcb8d
 def read_image(path) -> Tensor:
@@ -436,63 +454,38 @@ def read_image(path) -> Tensor:
     a = np.asarray(im)
     return torch.from_numpy(a.copy()).view(1, *a.shape[:2], -1).permute(0, 3, 1, 2).contiguous()
 
-def _model_path(a): return a.weights or os.environ.get('WAVENB_FLOW_MODEL') or 'runs/flow/model.pt'
+def _flow(weights: str | None) -> WaveletFlow:
+    "The flow to code with: `weights` (a file or a folder holding model.pt), else $WAVENB_FLOW_MODEL, else runs/flow/model.pt."
+    return load_flow(weights or os.environ.get('WAVENB_FLOW_MODEL') or 'runs/flow/model.pt')
 
-def _compress_cli(a):
-    x = read_image(a.file)
-    model = load_flow(_model_path(a))
-    data = compress(model, x, 1)
-    Path(a.output).write_bytes(data)
-    print(f'{a.file} -> {a.output}: {len(data)} bytes, {8 * len(data) / x.numel():.3f} bits/dim')
-    return 0
+def compress_file(image: str,  # an 8-bit greyscale or RGB image file (PNG, or anything Pillow reads)
+                  output: str,  # the wavenb flow file to write
+                  weights: str | None = None,  # model.pt or the --ckpt folder of wavenb train flow (default: $WAVENB_FLOW_MODEL, else runs/flow/model.pt)
+                  ) -> dict:
+    "Losslessly compress an 8-bit greyscale/RGB image to a wavenb flow file with a trained flow."
+    x = read_image(image)
+    data = compress(_flow(weights), x, 1)
+    Path(output).write_bytes(data)
+    return dict(image=str(image), output=str(output), bytes=len(data), bits_per_dim=round(8 * len(data) / x.numel(), 4))
 
-def _decompress_cli(a):
+def decompress_file(file: str,  # a file written by wavenb compress
+                    output: str,  # the PNG to write
+                    weights: str | None = None,  # the flow that wrote the file (default: $WAVENB_FLOW_MODEL, else runs/flow/model.pt)
+                    ) -> dict:
+    "Decode a wavenb flow file back to a PNG with exactly the original pixels, with the flow that wrote it."
     from PIL import Image
-    p = Path(a.file)
-    if not p.is_file(): raise FileNotFoundError(f'no file at {a.file}')
-    x = decompress(load_flow(_model_path(a)), p.read_bytes())
-    Image.fromarray(x[0].permute(1, 2, 0).squeeze(-1).numpy()).save(a.output, format='PNG')
-    print(f'{a.file} -> {a.output}: {tuple(x.shape[1:])}')
-    return 0
+    p = Path(file)
+    if not p.is_file(): raise FileNotFoundError(f'no file at {file}')
+    x = decompress(_flow(weights), p.read_bytes())
+    Image.fromarray(x[0].permute(1, 2, 0).squeeze(-1).numpy()).save(output, format='PNG')
+    return dict(file=str(file), output=str(output), shape=list(x.shape[1:]))
 
-def _train_cli(a):
-    from wavenb.cli import parse_source
-    src, split = parse_source(a.data)
-    tsrc, tsplit = parse_source(a.test) if a.test else (None, None)
-    m = train_flow(src, a.split or split, tsrc, tsplit, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.init, a.lift_width, a.lift_depth,
-                   a.prior_width, a.prior_depth, a.K, a.minutes, a.ckpt, a.out, a.code_images, a.streams, a.sr_images, a.device, a.seed, a.experiment,
-                   a.per_image_files)
-    print(json.dumps(m, indent=2))
-    return 0
-
+# %% ../nbs/41_codec.ipynb #a624f54c
 def add_cli(cmds: dict):
-    "Add `wavenb train flow`, `wavenb compress` and `wavenb decompress`."
-    s = cmds['train'].add_parser('flow', help='integer wavelet flow for lossless compression', description='Train the neural wavelet flow '
-                                 '(writes CKPT/model.pt for wavenb compress, OUT/metrics.json with bits/dim, coded size, PNG/WebP, figures).')
-    s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
-    s.add_argument('--split'); s.add_argument('--test-data', '--test', dest='test', help='test source[:split] (default: 10%% of --data held out)')
-    s.add_argument('--steps', type=int, default=1000); s.add_argument('--batch-size', type=int, default=64)
-    s.add_argument('--lr', type=float, default=1e-3); s.add_argument('--warmup', type=int, default=200)
-    s.add_argument('--ema', type=float, default=0.999)
-    s.add_argument('--init', choices=['legall', 'haar'], default='legall', help='the lifting the flow starts from')
-    s.add_argument('--lift-width', type=int, default=32); s.add_argument('--lift-depth', type=int, default=2)
-    s.add_argument('--prior-width', type=int, default=96); s.add_argument('--prior-depth', type=int, default=4)
-    s.add_argument('--K', type=int, default=5, help='logistic mixture components')
-    s.add_argument('--minutes', type=float, help='stop training after this many minutes')
-    s.add_argument('--ckpt', default='runs/flow', help='checkpoint folder (re-running resumes; model.pt is written here)')
-    s.add_argument('--out', default='figures/flow', help='results folder')
-    s.add_argument('--code-images', type=int, default=1000, help='test images coded to a real file')
-    s.add_argument('--per-image-files', type=int, help='of those, how many are also coded one per file, the comparison with PNG/WebP (default: all)')
-    s.add_argument('--streams', type=int, default=256, help='interleaved rANS streams')
-    s.add_argument('--sr-images', type=int, default=256)
-    s.add_argument('--experiment', default='flow'); s.add_argument('--device'); s.add_argument('--seed', type=int, default=0)
-    s.set_defaults(fn=_train_cli)
-    for name, fn, what in (('compress', _compress_cli, 'an 8-bit greyscale/RGB image to a wavenb flow file'),
-                           ('decompress', _decompress_cli, 'a wavenb flow file back to a PNG with the exact pixels')):
-        s = cmds[''].add_parser(name, help=f'{name} {what}', description=f'Losslessly {name} {what} with a trained flow (--model).')
-        s.add_argument('file'); s.add_argument('-o', '--output', required=True)
-        s.add_argument('--model', dest='weights', help='flow weights written by wavenb train flow (default: $WAVENB_FLOW_MODEL or runs/flow/model.pt)')
-        s.set_defaults(fn=fn)
+    "Add `wavenb train flow`, `wavenb compress` and `wavenb decompress`: their options are the parameters of the functions they run."
+    add_command(cmds['train'], 'flow', train_flow, help='integer wavelet flow for lossless compression')
+    add_command(cmds[''], 'compress', compress_file, help='compress an 8-bit greyscale/RGB image to a wavenb flow file')
+    add_command(cmds[''], 'decompress', decompress_file, help='decompress a wavenb flow file to a PNG with the exact pixels')
 
 # %% ../nbs/41_codec.ipynb #fff19d78
 def _vs(a: float, b: float) -> str:

@@ -4,18 +4,26 @@
 
 # %% ../nbs/51_diffusion.ipynb #513e35a8
 from __future__ import annotations
-import math
+import json, math, time, typing
+from contextlib import nullcontext
+from pathlib import Path
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .haar import dwt2_stacked, idwt2_stacked, filter_bank
-from .learner import Callback
+from .data import ImageSet, Collate, to_float, to_uint8
+from .learner import Callback, Learner, SampleCB, save_config
+from .metrics import InceptionFeatures, save_grid, write_metrics, plot_bars
+from .run import load_source, run_callbacks, fid_metric, sample_and_score, load_model, add_command
+from .unet import UNet, match_width, n_params
 
 # %% auto #0
 __all__ = ['PREDICTIONS', 'BENCH_CONFIGS', 'IMPLS', 'Schedule', 'target', 'to_x0_eps', 'PixelSpace', 'WaveletSpace',
-           'DiffusionCB', 'ddim_steps', 'sample', 'ddim_invert', 'FIDCurveCB', 'time_to_fid', 'build_diffusion',
-           'train_diffusion', 'load_diffusion', 'sample_diffusion', 'diffusers_unet', 'bench_denoiser',
-           'bench_diffusion', 'format_rows', 'compare_runs', 'plot_fid_curves', 'add_cli']
+           'DiffusionCB', 'ddim_steps', 'sample', 'ddim_invert', 'FIDCurveCB', 'time_to_fid', 'diffusion_config',
+           'build_diffusion', 'fid_curve_report', 'diffusion_report', 'train_diffusion', 'load_diffusion',
+           'sample_diffusion', 'diffusers_unet', 'bench_denoiser', 'format_rows', 'bench_diffusion', 'compare_runs',
+           'plot_fid_curves', 'eval_diffusion', 'add_cli']
 
 # %% ../nbs/51_diffusion.ipynb #c784d680
 class Schedule(nn.Module):
@@ -165,26 +173,23 @@ def ddim_invert(model: nn.Module, schedule: Schedule, images: Tensor, space: nn.
         x, prev = ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t
     return x
 
-# %% ../nbs/51_diffusion.ipynb #675f8a0a
-from .data import to_uint8
-
 # %% ../nbs/51_diffusion.ipynb #1b157b86
 class FIDCurveCB(Callback):
-    "Every `every` steps and at the end: FID/KID of `n` EMA samples (`sample_fn(model, batch)`) against `fidkid`'s reference, with the training time."
+    """Every `every` steps and at the end: FID/KID of `n` EMA samples (`sample_fn(model, batch)`) against `fidkid`'s reference
+    (`reference`, if given, is recorded by its checksum), with the training time."""
     order = 25
-    def __init__(self, sample_fn, fidkid, n: int = 2000, every: int = 1000, batch: int = 500):
-        self.sample_fn, self.fk, self.n, self.every, self.batch, self.curve = sample_fn, fidkid, n, every, batch, []
+    def __init__(self, sample_fn, fidkid, n: int = 2000, every: int = 1000, batch: int = 500, reference: ImageSet | None = None):
+        self.sample_fn, self.fk, self.n, self.every, self.batch, self.reference, self.curve = sample_fn, fidkid, n, every, batch, reference, []
     def _run(self):
         L = self.learn
         if not L.is_main: return
         model = L.ema_model if L.ema_model is not None else L.raw_model
-        was = model.training; model.eval(); self.fk.reset_fake()
-        with torch.no_grad():
-            for k in range(0, self.n, self.batch): self.fk.add_fake(to_uint8(self.sample_fn(model, min(self.batch, self.n - k)), 'symmetric'))
+        was = model.training; model.eval()
+        r = sample_and_score(lambda b: self.sample_fn(model, b), self.n, self.fk, self.batch, 'symmetric', self.reference)
         model.train(was)
-        r = self.fk.compute()
         self.curve.append(dict(step=L.step, train_time_s=round(L.train_time, 3), images_seen=L.images_seen, fid=r['fid'], kid=r['kid'],
-                               samples=r['n_fake'], reference=r['reference'], feature_net=r['feature_net']))
+                               samples=r['fid_samples'], reference=r['fid_reference'], feature_net=r['fid_feature_net'],
+                               **({'reference_sha256': r['fid_reference_sha256']} if 'fid_reference_sha256' in r else {})))
         L.history['fid'] = self.curve
     def after_batch(self):
         if self.learn.step % self.every == 0: self._run()
@@ -197,15 +202,24 @@ def time_to_fid(curve: list[dict], target: float) -> float | None:
     "Training seconds at the first point of `curve` with FID <= `target` (the first crossing, not interpolated; None if never reached)."
     return next((p['train_time_s'] for p in curve if p['fid'] <= target), None)
 
-# %% ../nbs/51_diffusion.ipynb #51df3a70
-import json, time
-from pathlib import Path
-import matplotlib.pyplot as plt
-
 # %% ../nbs/51_diffusion.ipynb #ce64f9e7
+def diffusion_config(shape, space: str = 'wavelet', levels: int = 1, wavelet: str = 'haar', backbone: str = 'unet', width: int = 64,
+                     mults=(1, 2, 2), blocks: int = 2, mix_levels=None, match_unet: bool = False, T: int = 1000, schedule: str = 'cosine',
+                     pred: str = 'v', band_scaling: bool = True) -> dict:
+    "The checked configuration of a diffusion model of images of `shape` `(C, H, W)`; `mix_levels` default: the coarsest level."
+    if space not in ('pixel', 'wavelet'): raise ValueError(f"space must be 'pixel' or 'wavelet', got {space!r}")
+    if pred not in PREDICTIONS: raise ValueError(f'pred must be one of {PREDICTIONS}, got {pred!r}')
+    if backbone not in ('unet', 'ukan'): raise ValueError(f"backbone must be 'unet' or 'ukan', got {backbone!r}")
+    Schedule(T, schedule)                                                      # checks the schedule's kind
+    zc = (PixelSpace() if space == 'pixel' else WaveletSpace(shape[0], levels, wavelet)).latent_shape((1, *shape))[1]
+    mix = tuple(mix_levels) if mix_levels else (len(mults) - 1,)
+    if any(not 0 <= l < len(mults) for l in mix): raise ValueError(f'mix_levels {mix} must be levels 0..{len(mults) - 1} of mults {tuple(mults)}')
+    if match_unet and backbone == 'ukan': width = match_width(n_params(UNet(zc, width, mults, blocks, mix, 'unet')), zc, mults, blocks, mix, 'ukan')
+    return dict(shape=list(shape), space=space, levels=levels, wavelet=wavelet, backbone=backbone, width=width, mults=list(mults),
+                blocks=blocks, T=T, schedule=schedule, pred=pred, band_scaling=band_scaling, mix_levels=list(mix))
+
 def build_diffusion(cfg: dict):
     "Space, schedule and denoiser from a configuration dict (as saved in `config.json`)."
-    from wavenb.unet import UNet
     C, H, W = cfg['shape']
     space = PixelSpace() if cfg['space'] == 'pixel' else WaveletSpace(C, cfg['levels'], cfg['wavelet'])
     if cfg.get('scales') is not None: space.scales.copy_(torch.tensor(cfg['scales']))
@@ -215,106 +229,115 @@ def build_diffusion(cfg: dict):
     model = UNet(zc, cfg['width'], mults, cfg['blocks'], mix_levels=mix, backbone=cfg['backbone'])
     return space, Schedule(cfg['T'], cfg['schedule']), model
 
-def train_diffusion(data: str = 'sample', split: str | None = None, size: int | None = None, space: str = 'wavelet',
-                    levels: int = 1, wavelet: str = 'haar', backbone: str = 'unet', width: int = 64, mults=(1, 2, 2),
-                    blocks: int = 2, T: int = 1000, schedule: str = 'cosine', pred: str = 'v', steps: int = 1000,
-                    batch_size: int = 128, lr: float = 2e-4, warmup: int = 200, ema: float = 0.999, ckpt='runs/diffusion',
-                    ckpt_every: int = 1000, out='figures/diffusion', sample_every: int | None = None, eval_samples: int = 0,
-                    sample_steps: int = 50, fid_weights=None, device=None, seed: int = 0, compile: bool = False,
-                    minutes: float | None = None, fid_every: int | None = None, fid_curve_samples: int = 2000,
-                    band_scaling: bool = True, match_unet: bool = False, mix_levels=None, fid_net: nn.Module | None = None) -> dict:
-    """Train a pixel- or wavelet-space diffusion model and write samples, checkpoints and `out/metrics.json`.
-    `minutes`: training-time budget (cosine LR over it, `steps` only a cap); `fid_every`: an FID curve point every N steps
-    (`fid_curve_samples` samples); `band_scaling=False`: wavelet bands left unscaled (ablation); `match_unet`: for
-    `backbone='ukan'`, pick the width whose parameter count matches the UNet at `width`; `mix_levels`: the levels with
-    attention / KAN blocks (0 = full resolution; default: the coarsest only); `fid_net`: the FID feature network (default:
-    the Inception network of `fid_weights`; `wavenb.metrics.RandomFeatures` for quick checks of the plumbing)."""
-    from wavenb.data import load_images, Collate, to_float
-    from wavenb.learner import Learner, LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, SampleCB, ResultsCB, TimeLimitCB, save_config
-    from wavenb.metrics import FIDKID, InceptionFeatures, save_grid
-    from wavenb.unet import match_width, n_params, UNet
-    if space not in ('pixel', 'wavelet'): raise ValueError(f"space must be 'pixel' or 'wavelet', got {space!r}")
-    if fid_net is None and (eval_samples or fid_every): fid_net = InceptionFeatures(fid_weights)   # fails now, not after training, if missing
-    ds = load_images(data, split, size=size)
-    ckpt, out = Path(ckpt), Path(out)
-    zc = (PixelSpace() if space == 'pixel' else WaveletSpace(ds.shape[0], levels, wavelet)).latent_shape((1, *ds.shape))[1]
-    mix = tuple(mix_levels) if mix_levels else (len(mults) - 1,)
-    if any(not 0 <= l < len(mults) for l in mix): raise ValueError(f'mix_levels {mix} must be levels 0..{len(mults) - 1} of mults {tuple(mults)}')
-    if match_unet and backbone == 'ukan': width = match_width(n_params(UNet(zc, width, mults, blocks, mix, 'unet')), zc, mults, blocks, mix, 'ukan')
-    cfg = dict(shape=list(ds.shape), space=space, levels=levels, wavelet=wavelet, backbone=backbone, width=width, mults=list(mults),
-               blocks=blocks, T=T, schedule=schedule, pred=pred, data=ds.name, data_sha256=ds.checksum, band_scaling=band_scaling,
-               mix_levels=list(mix))
-    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration (and keeps its fitted scales)
+# %% ../nbs/51_diffusion.ipynb #0fb1ebf2
+def fid_curve_report(curve: list[dict], reference: ImageSet, fid_net: nn.Module, path=None, title: str = '') -> dict:
+    "`FIDCurveCB`'s curve with how it was measured (samples per point, reference set and checksum, feature network), and its figure."
+    ns = sorted({p['samples'] for p in curve})   # one count, unless a resumed run changed fid_curve_samples
+    res = dict(fid_curve=curve, fid_curve_samples=ns[0] if len(ns) == 1 else ns, fid_curve_feature_net=fid_net.ident,
+               fid_curve_reference=dict(name=reference.name, sha256=reference.checksum, images=len(reference)))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([p['train_time_s'] / 60 for p in curve], [p['fid'] for p in curve], 'o-')
+    ax.set(xlabel='training minutes (evaluation excluded)', ylabel=f'FID ({res["fid_curve_samples"]} samples)', title=title)
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return res
+
+def diffusion_report(L, sample_fn, reference: ImageSet, out, eval_samples: int = 0, fid_net: nn.Module | None = None,
+                     sample_steps: int = 50, title: str = '') -> dict:
+    """After training: sampling time, OUT/samples.png, FID/KID of `eval_samples` samples of `sample_fn(model, n)` against `reference`
+    (if > 0), and the FID curve (OUT/fid_vs_time.png); with the EMA weights, if the run keeps them."""
+    m, out = (L.ema_model if L.ema_model is not None else L.raw_model).eval(), Path(out)
+    t0 = time.perf_counter()
+    imgs = sample_fn(m, min(256, max(eval_samples, 64)))
+    if L.device.type == 'cuda': torch.cuda.synchronize(L.device)
+    res = dict(sample_s_per_1k_images=round((time.perf_counter() - t0) * 1000 / len(imgs), 2), sample_steps=sample_steps)
+    save_grid(imgs[:64], out / 'samples.png', 8, 'symmetric')
+    if eval_samples > 0:
+        fk = fid_metric(reference, fid_net, device=L.device)
+        res.update(sample_and_score(lambda b: sample_fn(m, b), eval_samples, fk, 500, 'symmetric', reference),
+                   fid_sampler=f"DDIM {sample_steps} steps, {'EMA' if L.ema_model is not None else 'raw'} weights")
+    if L.history.get('fid'): res.update(fid_curve_report(L.history['fid'], reference, fid_net, out / 'fid_vs_time.png', title))
+    return res
+
+# %% ../nbs/51_diffusion.ipynb #ccda5475
+def train_diffusion(data: str = 'sample', split: str | None = None, test_data: str | None = None,
+                    size: int | None = None,  # resize images to SIZE x SIZE
+                    space: typing.Literal['pixel', 'wavelet'] = 'wavelet',  # diffuse pixels or wavelet coefficients
+                    levels: int = 1,  # wavelet levels (> 1: a wavelet packet)
+                    wavelet: str = 'haar',  # orthogonal wavelet of the transform
+                    band_scaling: bool = True,  # scale each wavelet band to unit variance over the data (off: the ablation of that scaling)
+                    backbone: typing.Literal['unet', 'ukan'] = 'unet',  # denoiser: UNet (attention) or U-KAN (KAN blocks)
+                    width: int = 64,  # channels at full resolution
+                    mults: tuple[int, ...] = (1, 2, 2),  # channel multiplier of each resolution level
+                    blocks: int = 2,  # residual blocks per level
+                    mix_levels: tuple[int, ...] | None = None,  # levels with attention (unet) or KAN blocks (ukan), 0 = full resolution (default: the coarsest)
+                    match_unet: bool = False,  # with --backbone ukan: the width whose parameter count matches the UNet at --width
+                    T: int = 1000,  # diffusion steps
+                    schedule: typing.Literal['linear', 'cosine'] = 'cosine',  # noise schedule
+                    pred: typing.Literal['eps', 'x0', 'v'] = 'v',  # what the denoiser predicts
+                    steps: int = 1000, minutes: float | None = None, batch_size: int = 128, lr: float = 2e-4, warmup: int = 200,
+                    ema: float = 0.999, ckpt: str = 'runs/diffusion', ckpt_every: int = 1000, out: str = 'figures/diffusion',
+                    sample_every: int | None = None,  # save a grid of samples every N steps (in OUT/progress)
+                    sample_steps: int = 50,  # DDIM steps of the grids and of the evaluation
+                    eval_samples: int = 0,  # FID/KID of this many samples at the end (0: none)
+                    fid_every: int | None = None,  # a point of the FID-vs-training-time curve every N steps
+                    fid_curve_samples: int = 2000,  # samples per point of the FID curve
+                    fid_weights: str | None = None,  # TorchScript FID Inception network (see wavenb fid --help)
+                    fid_net: nn.Module | None = None,  # the FID feature network (default: the Inception network of fid_weights)
+                    device: str | None = None, seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
+    """Train a pixel- or wavelet-space diffusion model; checkpoints resume exactly; writes OUT/metrics.json, OUT/samples.png, OUT/loss.png.
+    FID/KID are measured against `test_data` if given, else against the training images."""
+    if fid_net is None and (eval_samples or fid_every): fid_net = InceptionFeatures(fid_weights)   # fails now, not after training
+    ds = load_source(data, size, split)
+    ref = load_source(test_data, size) if test_data else ds                   # the FID reference
+    if ref.shape != ds.shape: raise ValueError(f'test images are {ref.shape}, training images {ds.shape}')
+    cfg = diffusion_config(ds.shape, space, levels, wavelet, backbone, width, mults, blocks, mix_levels, match_unet, T, schedule, pred, band_scaling)
+    cfg = save_config(ckpt, dict(cfg, data=ds.name, data_sha256=ds.checksum, **({'test': ref.name, 'test_sha256': ref.checksum} if test_data else {})))
+    torch.manual_seed(seed)                                                   # --seed sets the initial weights
     sp, sched, model = build_diffusion(cfg)
-    if space == 'wavelet' and cfg.get('scales') is None:
+    if space == 'wavelet' and cfg.get('scales') is None:                       # fitted once: a resumed run keeps its scales
         sub = ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:10_000]]
-        cfg['scales'] = sp.fit_scales(to_float(sub, 'symmetric')).tolist() if band_scaling else [1.0] * zc
+        cfg['scales'] = sp.fit_scales(to_float(sub, 'symmetric')).tolist() if band_scaling else [1.0] * len(sp.scales)
         save_config(ckpt, cfg, may_change=('scales',))
-    shape = (64, *ds.shape)
-    grid_fn = lambda m: sample(m, sched, shape, sp, 'ddim', sample_steps, pred=pred, generator=torch.Generator(device=next(m.parameters()).device).manual_seed(seed))
+    draw = lambda m, n, **kw: sample(m, sched, (n, *ds.shape), sp, 'ddim', sample_steps, pred=pred, **kw)
+    report = lambda L: diffusion_report(L, draw, ref, out, eval_samples, fid_net, sample_steps, f'{space} space, {backbone}')
+    cbs = [DiffusionCB(sched, sp, pred), *run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every, dataset=ds,
+                                                        metrics_fn=report, experiment='diffusion', config=cfg, time_budget_min=minutes)]
+    if sample_every: cbs.append(SampleCB(lambda m: draw(m, 64, generator=torch.Generator(device=next(m.parameters()).device).manual_seed(seed)),
+                                         Path(out) / 'progress', every=sample_every, scale='symmetric'))
+    L = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile, num_workers=workers,
+                collate=Collate(scale='symmetric', flip=True), cbs=cbs)
+    curve = [FIDCurveCB(draw, fid_metric(ref, fid_net, device=L.device), fid_curve_samples, fid_every, reference=ref)] if fid_every else []
+    return L.fit(steps, cbs=curve).results      # the FID curve's reference statistics need the Learner's device
 
-    def evaluate(L) -> dict:
-        m, dev = L.ema_model.eval(), L.device
-        t0 = time.perf_counter()
-        imgs = sample(m, sched, (min(256, max(eval_samples, 64)), *ds.shape), sp, 'ddim', sample_steps, pred=pred, device=dev)
-        if dev.type == 'cuda': torch.cuda.synchronize(dev)
-        res = dict(sample_s_per_1k_images=round((time.perf_counter() - t0) * 1000 / len(imgs), 2), sample_steps=sample_steps)
-        save_grid(imgs[:64], out / 'samples.png', 8, 'symmetric')
-        if eval_samples > 0:
-            fk = FIDKID(fid_net, device=dev).set_real(ds)
-            n = 0
-            while n < eval_samples:
-                b = min(500, eval_samples - n)
-                fk.add_fake(to_uint8(sample(m, sched, (b, *ds.shape), sp, 'ddim', sample_steps, pred=pred, device=dev), 'symmetric'))
-                n += b
-            r = fk.compute()
-            res.update(fid=r['fid'], kid=r['kid'], kid_std=r['kid_std'], fid_samples=r['n_fake'], fid_reference=r['reference'],
-                       fid_reference_images=r['n_real'], fid_reference_sha256=ds.checksum, fid_feature_net=r['feature_net'],
-                       fid_sampler=f'DDIM {sample_steps} steps, EMA weights')
-        if L.history.get('fid'):
-            c = L.history['fid']
-            ns = sorted({p['samples'] for p in c})   # one count, unless a resumed run changed --fid-curve-samples
-            res.update(fid_curve=c, fid_curve_samples=ns[0] if len(ns) == 1 else ns, fid_curve_feature_net=fid_net.ident,
-                       fid_curve_reference=dict(name=ds.name, sha256=ds.checksum, images=len(ds)))
-            fig, ax = plt.subplots(figsize=(5, 3.2))
-            ax.plot([p['train_time_s'] / 60 for p in c], [p['fid'] for p in c], 'o-')
-            ax.set(xlabel='training minutes (evaluation excluded)', ylabel=f'FID ({res["fid_curve_samples"]} samples)', title=f'{space} space, {backbone}')
-            fig.tight_layout(); fig.savefig(out / 'fid_vs_time.png', dpi=80); plt.close(fig)
-        return res
-
-    cbs = [DiffusionCB(sched, sp, pred), LRScheduleCB(warmup, minutes=minutes), GradClipCB(1.0), EMACB(ema), ProgressCB(every=20),
-           CheckpointCB(ckpt, every=ckpt_every, keep=2), ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment='diffusion', config=cfg,
-                                                                   time_budget_min=minutes)]
-    if sample_every: cbs.append(SampleCB(grid_fn, out / 'progress', every=sample_every, scale='symmetric'))
-    if minutes: cbs.append(TimeLimitCB(minutes))
-    learn = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
-                    collate=Collate(scale='symmetric', flip=True), cbs=cbs)
-    curve = [FIDCurveCB(lambda m, b: sample(m, sched, (b, *ds.shape), sp, 'ddim', sample_steps, pred=pred, device=learn.device),
-                        FIDKID(fid_net, device=learn.device).set_real(ds), fid_curve_samples, fid_every)] if fid_every else []
-    learn.fit(steps, cbs=curve)
-    return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
-
+# %% ../nbs/51_diffusion.ipynb #3ab55c25
 def load_diffusion(ckpt, device='cpu'):
-    "Rebuild (space, schedule, EMA model, config) from a `train_diffusion` checkpoint folder."
-    from wavenb.learner import load_run, ema_state, load_weights
-    cfg, ck, path = load_run(ckpt, 'train_diffusion')
-    space, sched, model = build_diffusion(cfg)
-    load_weights(model, ema_state(ck, path), path, 'EMA model')
-    return space.to(device), sched.to(device), model.to(device).eval(), cfg
+    "Rebuild (space, schedule, model in eval mode with its EMA weights if the run kept them, config) from a `train_diffusion` checkpoint folder."
+    parts = {}
+    def build(cfg):
+        if not {'space', 'schedule', 'pred'} <= cfg.keys(): raise ValueError(f'{ckpt}/config.json is not a train_diffusion configuration')
+        parts['space'], parts['schedule'], model = build_diffusion(cfg)
+        return model
+    model, cfg = load_model(ckpt, build, 'train_diffusion', device=device)
+    return parts['space'].to(device), parts['schedule'].to(device), model, cfg
 
-def sample_diffusion(ckpt, n: int = 64, sampler: str = 'ddim', steps: int = 50, eta: float = 0.0, out=None,
-                     seed: int = 0, device=None) -> Tensor:
-    "Sample `n` images in [-1, 1] from a checkpoint folder (EMA weights); optionally save a PNG grid at `out`."
-    from wavenb.metrics import save_grid
+def sample_diffusion(ckpt: str = 'runs/diffusion',  # checkpoint folder written by wavenb train diffusion
+                     n: int = 64,  # number of images
+                     sampler: typing.Literal['ddpm', 'ddim'] = 'ddim',  # DDPM (all T steps) or DDIM
+                     sample_steps: int = 50,  # DDIM steps
+                     eta: float = 0.0,  # DDIM noise: 0 is deterministic, 1 is as much as DDPM's
+                     grid: str = 'samples.png',  # the PNG file the grid of samples is written to
+                     seed: int = 0, device: str | None = None) -> dict:
+    "Sample `n` images from a `train_diffusion` checkpoint folder (its EMA weights, if it kept them) and write them as a PNG grid."
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     space, sched, model, cfg = load_diffusion(ckpt, device)
     g = torch.Generator(device=device).manual_seed(seed)
-    imgs = sample(model, sched, (n, *cfg['shape']), space, sampler, steps, eta, cfg['pred'], generator=g, device=device)
-    if out: save_grid(imgs, out, 8, 'symmetric')
-    return imgs
-
-# %% ../nbs/51_diffusion.ipynb #c26bc844
-from contextlib import nullcontext
+    t0 = time.perf_counter()
+    imgs = sample(model, sched, (n, *cfg['shape']), space, sampler, sample_steps, eta, cfg['pred'], generator=g, device=device)
+    s = round(time.perf_counter() - t0, 2)
+    return dict(grid=str(save_grid(imgs, grid, 8, 'symmetric')), images=n, shape=list(imgs.shape[1:]), sampler=sampler,
+                sample_steps=sched.T if sampler == 'ddpm' else sample_steps, eta=1.0 if sampler == 'ddpm' else eta, seed=seed, sample_s=s)
 
 # %% ../nbs/51_diffusion.ipynb #0eac69a0
 BENCH_CONFIGS = {  # 2 residual blocks per level; attention at `mix_levels` (0 = full resolution)
@@ -340,10 +363,12 @@ def diffusers_unet(channels, size, width, mults, mix_levels, blocks: int = 2, he
                                   down_block_types=down, up_block_types=[b.replace('Down', 'Up') for b in reversed(down)],
                                   attention_head_dim=ch[-1] // heads, norm_num_groups=norm(ch[0]).num_groups))  # 32, as ours, from width 128
 
+# %% ../nbs/51_diffusion.ipynb #f5c31439
 def _sync(d):
     if d.type == 'cuda': torch.cuda.synchronize(d)
 
-def bench_denoiser(model: nn.Module, shape, batch_size: int, device='cuda', steps: int = 10, warmup: int = 3, compile_mode: str | None = None) -> dict:
+def bench_denoiser(model: nn.Module, shape, batch_size: int, device='cuda', timed_steps: int = 10, untimed_steps: int = 3,
+                   compile_mode: str | None = None) -> dict:
     "Training images/s (forward + backward + AdamW), peak memory, and forward seconds per 1k images, on random data."
     d = torch.device(device)
     model = model.to(d).train()
@@ -354,32 +379,57 @@ def bench_denoiser(model: nn.Module, shape, batch_size: int, device='cuda', step
     def step():
         with amp(): loss = F.mse_loss(f(x, t).float(), x)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    for _ in range(warmup): step()
+    for _ in range(untimed_steps): step()
     _sync(d)
     if d.type == 'cuda': torch.cuda.reset_peak_memory_stats(d)
     t0 = time.perf_counter()
-    for _ in range(steps): step()
+    for _ in range(timed_steps): step()
     _sync(d); train = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(d) if d.type == 'cuda' else None
     with torch.no_grad():
-        for _ in range(warmup):
+        for _ in range(untimed_steps):
             with amp(): f(x, t)
         _sync(d); t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(timed_steps):
             with amp(): f(x, t)
         _sync(d); fwd = time.perf_counter() - t0
-    return dict(train_images_per_s=round(steps * batch_size / train, 1), peak_gib=None if peak is None else round(peak / 2 ** 30, 2),
-                forward_s_per_1k_images=round(fwd / steps / batch_size * 1000, 4))
+    return dict(train_images_per_s=round(timed_steps * batch_size / train, 1), peak_gib=None if peak is None else round(peak / 2 ** 30, 2),
+                forward_s_per_1k_images=round(fwd / timed_steps / batch_size * 1000, 4))
 
-def bench_diffusion(configs: dict | None = None, impls=('wavenb', 'diffusers'), batch_sizes=(256, 1024), device=None,
-                    steps: int = 10, warmup: int = 3, skip_missing: bool = True) -> list[dict]:
-    "One row per (configuration, implementation, batch size); a missing diffusers is skipped (with a note) unless `skip_missing=False`."
-    from wavenb.unet import UNet, n_params
-    d = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    rows = []
-    for name, c in (configs or BENCH_CONFIGS).items():
+# %% ../nbs/51_diffusion.ipynb #446ebee5
+def format_rows(rows: list[dict], keys=None) -> str:
+    "A markdown table of `rows` (dicts)."
+    keys = keys or list(dict.fromkeys(k for r in rows for k in r))
+    return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(str(r.get(k, '')) for k in keys) + ' |' for r in rows])
+
+def _write_bench(rows: list[dict], configs: dict, out, device):
+    "OUT/bench.md, OUT/bench.png (training images/s) and OUT/metrics.json with the configurations."
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    (out / 'bench.md').write_text(format_rows(rows) + '\n')
+    ok = [r for r in rows if 'skipped' not in r]
+    plt.close(plot_bars({f"{r['config']}\n{r['impl']} b{r['batch_size']}": r['train_images_per_s'] for r in ok}, out / 'bench.png',
+                        'training images/s', 'Training throughput (random data)', log=True))
+    write_metrics(out, dict(rows=rows), device=device, figures=['bench.png', 'bench.md'],
+                  configs={k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in c.items()} for k, c in configs.items()})
+
+# %% ../nbs/51_diffusion.ipynb #982fe657
+def bench_diffusion(configs: tuple[str, ...] | None = None,  # configurations: pixel-ddpm wavelet1-wddm pixel-wddm1 wavelet2-wddm (default: all; from Python also a dict name -> configuration)
+                    impls: tuple[str, ...] = ('wavenb', 'diffusers'),  # implementations: wavenb, wavenb-compiled, wavenb-graphs, diffusers
+                    batch_sizes: tuple[int, ...] = (256, 1024),  # batch sizes
+                    timed_steps: int = 10,  # timed training steps (and timed forward passes) per row
+                    untimed_steps: int = 3,  # steps run before the timing starts (warm-up, compilation)
+                    device: str | None = None, out: str | None = None,
+                    skip_missing: bool = True,  # skip an implementation that is not installed (its row says why)
+                    ) -> list[dict]:
+    "One row per (configuration, implementation, batch size): training images/s, peak memory, forward time (random data)."
+    if configs is None: configs = BENCH_CONFIGS
+    elif not isinstance(configs, dict):
+        if bad := [k for k in configs if k not in BENCH_CONFIGS]: raise ValueError(f'unknown configurations {bad}: choose from {list(BENCH_CONFIGS)}')
+        configs = {k: BENCH_CONFIGS[k] for k in configs}
+    if bad := [i for i in impls if i not in IMPLS]: raise ValueError(f'impl must be one of {IMPLS}, got {bad}')
+    d, rows = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')), []
+    for name, c in configs.items():
         for impl in impls:
-            if impl not in IMPLS: raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
             make = (lambda: diffusers_unet(**c)) if impl == 'diffusers' else (lambda: UNet(c['channels'], c['width'], c['mults'], 2, c['mix_levels']))
             for bs in batch_sizes:
                 try: m = make()
@@ -387,16 +437,12 @@ def bench_diffusion(configs: dict | None = None, impls=('wavenb', 'diffusers'), 
                     if not skip_missing: raise
                     rows.append(dict(config=name, impl=impl, batch_size=bs, skipped=str(e))); continue
                 mode = {'wavenb-compiled': 'max-autotune-no-cudagraphs', 'wavenb-graphs': 'reduce-overhead'}.get(impl)
-                r = bench_denoiser(m, (c['channels'], c['size'], c['size']), bs, d, steps, warmup, mode)
+                r = bench_denoiser(m, (c['channels'], c['size'], c['size']), bs, d, timed_steps, untimed_steps, mode)
                 rows.append(dict(config=name, impl=impl, batch_size=bs, params=n_params(m), **r))
                 del m
                 if d.type == 'cuda': torch.cuda.empty_cache()
+    if out: _write_bench(rows, configs, out, d)
     return rows
-
-def format_rows(rows: list[dict], keys=None) -> str:
-    "A markdown table of `rows` (dicts)."
-    keys = keys or list(dict.fromkeys(k for r in rows for k in r))
-    return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(str(r.get(k, '')) for k in keys) + ' |' for r in rows])
 
 # %% ../nbs/51_diffusion.ipynb #0fb84673
 def _curve_protocol(folder, r: dict) -> tuple:
@@ -444,6 +490,7 @@ def compare_runs(folders, reference: int = 0) -> list[dict]:
                          speedup_to_ref_fid=None if not t else round(t_ref / t, 2)))
     return rows
 
+# %% ../nbs/51_diffusion.ipynb #cdb2d4a5
 def plot_fid_curves(folders, path=None, target: float | None = None):
     "FID against training minutes for several `train_diffusion` results folders, on one plot (and the target FID, if given)."
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -456,101 +503,26 @@ def plot_fid_curves(folders, path=None, target: float | None = None):
     if path: fig.savefig(path, dpi=80)
     return fig
 
-# %% ../nbs/51_diffusion.ipynb #ddd3458e
-def _train_cli(a):
-    from wavenb.cli import parse_source
-    src, split = parse_source(a.data)
-    m = train_diffusion(src, a.split or split, a.size, a.space, a.levels, a.wavelet, a.backbone, a.width, tuple(a.mults), a.blocks,
-                        a.T, a.schedule, a.pred, a.steps, a.batch_size, a.lr, a.warmup, a.ema, a.ckpt, a.ckpt_every, a.out,
-                        a.sample_every, a.eval_samples, a.sample_steps, a.fid_weights, a.device, a.seed, a.compile,
-                        a.minutes, a.fid_every, a.fid_curve_samples, not a.no_band_scaling, a.match_unet, a.mix_levels)
-    print(json.dumps(m, indent=2))
-    return 0
-
-def _sample_cli(a):
-    sample_diffusion(a.ckpt, a.n, a.sampler, a.steps, a.eta, a.out, a.seed, a.device)
-    print('wrote', a.out)
-    return 0
-
-def _bench_cli(a):
-    from wavenb.metrics import write_metrics, plot_bars
-    configs = {k: BENCH_CONFIGS[k] for k in a.configs} if a.configs else None
-    rows = bench_diffusion(configs, a.impls, a.batch_sizes, a.device, a.steps, a.warmup)
-    print(format_rows(rows))
-    if a.out:
-        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-        (out / 'bench.md').write_text(format_rows(rows) + '\n')
-        ok = [r for r in rows if 'skipped' not in r]
-        plt.close(plot_bars({f"{r['config']}\n{r['impl']} b{r['batch_size']}": r['train_images_per_s'] for r in ok}, out / 'bench.png',
-                            'training images/s', 'Training throughput (random data)', log=True))
-        print('wrote', write_metrics(out, dict(rows=rows), device=a.device or ('cuda' if torch.cuda.is_available() else 'cpu'),
-                                     figures=['bench.png', 'bench.md'], configs={k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in c.items()}
-                                                                               for k, c in (configs or BENCH_CONFIGS).items()}))
-    return 0
-
-def _eval_cli(a):
-    from wavenb.metrics import write_metrics
-    rows = compare_runs(a.runs, a.reference)
-    print(format_rows(rows))
-    if a.out:
-        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+# %% ../nbs/51_diffusion.ipynb #57fa9439
+def eval_diffusion(runs: tuple[str, ...],  # train_diffusion results folders (each with metrics.json)
+                   reference: int = 0,  # index of the reference run among RUNS (0: the first)
+                   out: str | None = None) -> dict:
+    """The comparison table of several `train_diffusion` results folders (`compare_runs`); with `out`, also OUT/table.md,
+    the FID-against-time curves OUT/fid_vs_time.png and OUT/metrics.json."""
+    rows = compare_runs(runs, reference)
+    ref = rows[reference]
+    res = dict(rows=rows, target_fid=ref['target_fid'], fid_curve_samples=ref['fid_curve_samples'])
+    if out:
+        out = Path(out); out.mkdir(parents=True, exist_ok=True)
         (out / 'table.md').write_text(format_rows(rows) + '\n')
-        plt.close(plot_fid_curves(a.runs, out / 'fid_vs_time.png', rows[a.reference]['target_fid']))
-        ref = rows[a.reference]
-        print('wrote', write_metrics(out, dict(rows=rows, target_fid=ref['target_fid'], fid_curve_samples=ref['fid_curve_samples']),
-                                     runs=[str(r) for r in a.runs], reference=str(a.runs[a.reference]), figures=['fid_vs_time.png', 'table.md']))
-    return 0
+        plt.close(plot_fid_curves(runs, out / 'fid_vs_time.png', ref['target_fid']))
+        write_metrics(out, res, runs=[str(r) for r in runs], reference=str(runs[reference]), figures=['fid_vs_time.png', 'table.md'])
+    return res
 
+# %% ../nbs/51_diffusion.ipynb #ddd3458e
 def add_cli(cmds: dict):
-    "Add `wavenb train|sample|eval|bench diffusion` to the `wavenb` command's subparsers."
-    s = cmds['train'].add_parser('diffusion', help='DDPM/DDIM in pixel or wavelet space', description='Train a diffusion model in pixel or '
-                                 'wavelet space (checkpoints resume exactly; writes OUT/metrics.json, OUT/samples.png, OUT/loss.png).')
-    s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
-    s.add_argument('--split'); s.add_argument('--size', type=int, help='resize images to SIZE x SIZE')
-    s.add_argument('--space', choices=['pixel', 'wavelet'], default='wavelet')
-    s.add_argument('--levels', type=int, default=1, help='wavelet levels (> 1: wavelet packet)')
-    s.add_argument('--wavelet', default='haar')
-    s.add_argument('--backbone', choices=['unet', 'ukan'], default='unet')
-    s.add_argument('--width', type=int, default=64); s.add_argument('--mults', type=int, nargs='+', default=[1, 2, 2])
-    s.add_argument('--blocks', type=int, default=2)
-    s.add_argument('--mix-levels', type=int, nargs='+', help='levels with attention (unet) or KAN blocks (ukan); 0 = full resolution (default: the coarsest)')
-    s.add_argument('--T', type=int, default=1000); s.add_argument('--schedule', choices=['linear', 'cosine'], default='cosine')
-    s.add_argument('--pred', choices=['eps', 'x0', 'v'], default='v')
-    s.add_argument('--steps', type=int, default=1000); s.add_argument('--batch-size', type=int, default=128)
-    s.add_argument('--lr', type=float, default=2e-4); s.add_argument('--warmup', type=int, default=200)
-    s.add_argument('--ema', type=float, default=0.999)
-    s.add_argument('--ckpt', default='runs/diffusion', help='checkpoint folder (re-running resumes from it)')
-    s.add_argument('--ckpt-every', type=int, default=1000)
-    s.add_argument('--out', default='figures/diffusion', help='results folder')
-    s.add_argument('--sample-every', type=int, help='save a sample grid every N steps')
-    s.add_argument('--eval-samples', type=int, default=0, help='FID/KID on this many DDIM samples at the end (0: none)')
-    s.add_argument('--sample-steps', type=int, default=50, help='DDIM steps for grids and evaluation')
-    s.add_argument('--fid-weights', help='TorchScript FID Inception network (see wavenb fid --help)')
-    s.add_argument('--device'); s.add_argument('--seed', type=int, default=0); s.add_argument('--compile', action='store_true')
-    s.add_argument('--minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (--steps is then a cap)')
-    s.add_argument('--fid-every', type=int, help='an FID-vs-training-time point every N steps (needs --fid-weights)')
-    s.add_argument('--fid-curve-samples', type=int, default=2000, help='samples per FID-curve point (default 2000)')
-    s.add_argument('--no-band-scaling', action='store_true', help='ablation: leave the wavelet bands unscaled')
-    s.add_argument('--match-unet', action='store_true', help='with --backbone ukan: choose the width whose parameter count matches the UNet at --width')
-    s.set_defaults(fn=_train_cli)
-    s = cmds['sample'].add_parser('diffusion', help='sample a trained diffusion model', description='Sample images from a train_diffusion checkpoint folder (EMA weights).')
-    s.add_argument('--ckpt', required=True, help='checkpoint folder written by wavenb train diffusion')
-    s.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddim'); s.add_argument('--steps', type=int, default=50)
-    s.add_argument('--eta', type=float, default=0.0); s.add_argument('--n', type=int, default=64)
-    s.add_argument('--out', default='samples.png'); s.add_argument('--seed', type=int, default=0); s.add_argument('--device')
-    s.set_defaults(fn=_sample_cli)
-    s = cmds['bench'].add_parser('diffusion', help='denoiser training/sampling speed: pixel vs wavelet, wavenb vs diffusers',
-                                 description='Training images/s, peak memory and forward time per 1k images of the anchor configurations (random data).')
-    s.add_argument('--configs', nargs='+', choices=list(BENCH_CONFIGS), help='subset of the configurations (default: all)')
-    s.add_argument('--impls', nargs='+', choices=IMPLS, default=['wavenb', 'diffusers'])
-    s.add_argument('--batch-sizes', type=int, nargs='+', default=[256, 1024])
-    s.add_argument('--steps', type=int, default=10); s.add_argument('--warmup', type=int, default=3)
-    s.add_argument('--device'); s.add_argument('--out', help='folder for metrics.json, bench.md, bench.png')
-    s.set_defaults(fn=_bench_cli)
-    s = cmds['eval'].add_parser('diffusion', help='the comparison table of several train_diffusion results folders',
-                                description='Table (params, images/s, memory, FID, time to reach the FID of the reference run\'s last FID-curve point, '
-                                'speedup) and FID-vs-time curves; the runs\' FID curves must use one sample count, reference set and network.')
-    s.add_argument('runs', nargs='+', help='train_diffusion results folders (each with metrics.json)')
-    s.add_argument('--reference', type=int, default=0, help='index of the reference run (default 0: the first)')
-    s.add_argument('--out', help='folder for table.md, fid_vs_time.png, metrics.json')
-    s.set_defaults(fn=_eval_cli)
+    "Add `wavenb train|sample|eval|bench diffusion` to the `wavenb` command: each command's options are its function's parameters."
+    add_command(cmds['train'], 'diffusion', train_diffusion, help='DDPM/DDIM in pixel or wavelet space', skip=('fid_net',))
+    add_command(cmds['sample'], 'diffusion', sample_diffusion, help='sample a trained diffusion model')
+    add_command(cmds['eval'], 'diffusion', eval_diffusion, help='the comparison table of several train_diffusion results folders')
+    add_command(cmds['bench'], 'diffusion', bench_diffusion, help='denoiser training speed: pixel vs wavelet, wavenb vs diffusers')

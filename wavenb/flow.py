@@ -308,7 +308,7 @@ def load_flow(path, device='cpu') -> WaveletFlow:
     if p.is_dir(): p = p / 'model.pt'
     if not p.is_file():
         raise FileNotFoundError(f'no flow model weights at {path}: train a model with `wavenb train flow --ckpt DIR` '
-                                '(it writes DIR/model.pt) and pass that file or folder as --model')
+                                '(it writes DIR/model.pt) and pass that file or folder as --weights')
     try: ck = torch.load(p, map_location='cpu', weights_only=True)
     except Exception as e: raise ValueError(f'{p} is not a readable wavenb flow model ({type(e).__name__})') from None
     if not isinstance(ck, dict) or ck.get('format') != 'wavenb-flow-1': raise ValueError(f'{p} is not a wavenb flow model file')

@@ -91,8 +91,8 @@ def load_model(ckpt, build, what: str = 'training run', ema: bool = True, device
 # %% ../nbs/05_run.ipynb #52abaaf1
 SHARED = dict(
     data='training images: SOURCE[:SPLIT] (sample, an .npz archive, an image folder, or a torchvision name like fashion_mnist:train)',
-    split='the split of --data (overrides SOURCE:SPLIT)',
-    test_data='test images SOURCE[:SPLIT] (default: images held out of --data)',
+    split='the split of --data (overrides SOURCE:SPLIT)', size='resize images to SIZE x SIZE',
+    test_data='test images SOURCE[:SPLIT], used once at the end (without it, each command says what it does)',
     steps='training steps (with --minutes: a cap)',
     minutes='training-time budget in minutes: the cosine LR runs over it and training stops there',
     batch_size='images per training step (all processes together)', lr='peak learning rate',
@@ -112,11 +112,11 @@ def _base(t):
     return t, False
 
 def _add_option(p: argparse.ArgumentParser, name: str, prm: inspect.Parameter, t, doc: str | None):
-    "One `argparse` option from one parameter: bools are flags, tuples take several values, `Literal`s are choices."
+    "One `argparse` option from one parameter: bools are flags, tuples take several values, `Literal`s are choices; help: its comment, else `SHARED`."
     opt, default = '--' + name.replace('_', '-'), prm.default
     if prm.kind == prm.POSITIONAL_ONLY or default is inspect.Parameter.empty: opt, default = name, None
     base, _ = _base(t)
-    h = SHARED.get(name) or doc or ''
+    h = (doc or SHARED.get(name) or '').replace('%', '%%')     # argparse formats help with %
     if base is bool:
         if default: return p.add_argument('--no-' + name.replace('_', '-'), dest=name, action='store_false', help=f'do not: {h}')
         return p.add_argument(opt, action='store_true', help=h)

@@ -248,12 +248,6 @@ def build_vqvae(cfg: dict) -> BandVQVAE:
     "The model of a configuration dict (as saved in `config.json`)."
     return BandVQVAE(cfg['shape'][0], **{k: cfg[k] for k in VQ_KEYS})
 
-def _split_test(ds, test_data, test_split, size, holdout, seed):
-    "`(train, test)` as `train_test` makes them (for callers that load the training set themselves)."
-    from wavenb.data import load_images
-    if test_data: return ds, load_images(test_data, test_split, size=size)
-    return holdout_split(ds, holdout, seed)
-
 
 # %% ../nbs/20_vqvae.ipynb #028e6180
 def vqvae_report(L, model: BandVQVAE, test, out: Path) -> dict:
@@ -290,30 +284,32 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
                 dead_below: float = 1.0,  # restart codes whose EMA count falls below this (0: never)
                 weighting: typing.Literal['pixel', 'variance'] = 'pixel',  # pixel MSE through the IDWT, or variance-normalised per band
                 steps: int = 2000, minutes: float | None = None, batch_size: int = 128, lr: float = 4e-4, warmup: int = 100,
-                ckpt: str = 'runs/vqvae', ckpt_every: int = 1000, out: str = 'figures/vqvae', device: str | None = None,
-                seed: int = 0) -> dict:
+                ema: float = 0.0, ckpt: str = 'runs/vqvae', ckpt_every: int = 1000, out: str = 'figures/vqvae',
+                device: str | None = None, seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
     """Train a VQ-VAE per wavelet subband (`levels` >= 1) or on pixels (`levels=0`); checkpoints resume exactly; writes
     OUT/metrics.json, OUT/reconstructions.png, OUT/codebook_usage.png and OUT/loss.png."""
     from wavenb.data import Collate, to_float
     train, test, dcfg = train_test(data, split, test_data, size, holdout, seed)
     cfg = dict(shape=list(train.shape), levels=levels, wavelet=wavelet, K=K, D=D, width=width, down=down, n_res=n_res, beta=beta,
                decay=decay, dead_below=dead_below, weighting=weighting, **dcfg)
+    torch.manual_seed(seed)                                    # --seed sets the initial weights
     model = build_vqvae(cfg)                                   # validates the options before anything is written
     cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration (and these training and test images)
     sub = train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:10_000]]
     model.fit_band_std(to_float(sub, 'symmetric'))           # (a resumed run loads the same buffer from its checkpoint)
-    cbs = [AutoencodeCB(), *run_callbacks(ckpt, out, warmup, minutes, ckpt_every=ckpt_every, dataset=train, experiment='vqvae',
-           metrics_fn=lambda L: vqvae_report(L, L.raw_model, test, Path(out)), config=cfg,
+    report = lambda L: vqvae_report(L, L.raw_model if L.ema_model is None else L.ema_model, test, Path(out))    # the EMA weights, if any
+    cbs = [AutoencodeCB(), *run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every, dataset=train, experiment='vqvae',
+           metrics_fn=report, config=cfg, weights='EMA' if ema else 'raw',
            figures=['reconstructions.png', 'codebook_usage.png', 'loss.png'])]
-    return Learner(model, train, model.loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                   collate=Collate(scale='symmetric', flip=True), cbs=cbs).fit(steps).results
+    return Learner(model, train, model.loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
+                   num_workers=workers, collate=Collate(scale='symmetric', flip=True), cbs=cbs).fit(steps).results
 
 def load_vqvae(ckpt, device='cpu') -> tuple[BandVQVAE, dict]:
     "Rebuild (model in eval mode, config) from a `train_vqvae` checkpoint folder (its newest checkpoint)."
     from wavenb.learner import load_run
     cfg = load_run(ckpt, 'train_vqvae')[0]
     if 'K' not in cfg or 'weighting' not in cfg: raise ValueError(f'{ckpt}/config.json is not a VQ-VAE configuration')
-    return load_model(ckpt, build_vqvae, 'train_vqvae', ema=False, device=device)
+    return load_model(ckpt, build_vqvae, 'train_vqvae', device=device)      # its EMA weights, if it kept them
 
 
 # %% ../nbs/20_vqvae.ipynb #198ee5e4

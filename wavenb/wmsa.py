@@ -4,21 +4,24 @@
 
 # %% ../nbs/30_wmsa.ipynb #7339828c
 from __future__ import annotations
-import json, math, time
+import functools, inspect, json, math, time, typing
 from pathlib import Path
 import torch
 import torch.nn.functional as F
+import matplotlib.pyplot as plt
 from torch import nn, Tensor
 from .haar import dwt2_stacked, filter_bank
 from .data import Collate, to_float
-from .learner import Callback
+from .learner import Callback, Learner, EvalCB, save_config
+from .metrics import accuracy, dataset_info, write_metrics
+from .run import load_source, holdout_split, run_callbacks, load_model, add_command
 
 # %% auto #0
-__all__ = ['ORIENTATIONS', 'SIZES', 'CLAIMED_PARAMS', 'token_bands', 'token_count', 'WaveletTokenizer', 'sinusoidal_2d',
-           'ScaleAwarePE', 'box_overlap', 'log_kernel_mask', 'WaveletKernel', 'Attention', 'Block',
+__all__ = ['ORIENTATIONS', 'SIZES', 'CLAIMED_PARAMS', 'WMSA_ONLY', 'token_bands', 'token_count', 'WaveletTokenizer',
+           'sinusoidal_2d', 'ScaleAwarePE', 'box_overlap', 'log_kernel_mask', 'WaveletKernel', 'Attention', 'Block',
            'WaveletTransformer', 'ViT', 'n_params', 'attention_weights', 'plot_attention', 'AugCollate', 'MixCB',
-           'adamw_groups', 'count_flops', 'inference_throughput', 'build_classifier', 'train_classifier',
-           'load_classifier', 'eval_classifier', 'results_table', 'add_cli']
+           'adamw_groups', 'count_flops', 'inference_throughput', 'build_classifier', 'classifier_report',
+           'train_classifier', 'load_classifier', 'eval_classifier', 'results_table', 'add_cli']
 
 # %% ../nbs/30_wmsa.ipynb #cab9d94e
 ORIENTATIONS = ('A', 'H', 'V', 'D')   # LL, LH (pywt cH), HL (cV), HH (cD): the index along dwt2_stacked's band axis
@@ -328,10 +331,15 @@ def inference_throughput(model: nn.Module, shape, batch_size: int = 256, iters: 
     return batch_size * iters / (time.perf_counter() - t)
 
 # %% ../nbs/30_wmsa.ipynb #c24e0513
+def _model_size(cfg: dict) -> str:
+    "The model size of a configuration, checked (older configurations keep it under `size`)."
+    ms = cfg['model_size'] if 'model_size' in cfg else cfg.get('size')
+    if ms not in SIZES: raise ValueError(f"model_size must be one of {list(SIZES)}, got {ms!r}")
+    return ms
+
 def build_classifier(cfg: dict) -> nn.Module:
     "A `WaveletTransformer` or `ViT` from a configuration dict (as saved in `config.json`)."
-    if cfg['size'] not in SIZES: raise ValueError(f"size must be one of {list(SIZES)}, got {cfg['size']!r}")
-    arch = {k: cfg.get(k) or v for k, v in SIZES[cfg['size']].items()}        # dim/depth/heads override the size
+    arch = {k: cfg.get(k) or v for k, v in SIZES[_model_size(cfg)].items()}   # dim/depth/heads override the model size
     common = dict(n_classes=cfg['n_classes'], size=cfg['image_size'], channels=cfg['channels'], drop_path=cfg['drop_path'], **arch)
     if cfg['kind'] == 'vit': return ViT(patch=cfg['vit_patch'], **common)
     if cfg['kind'] == 'wmsa':
@@ -343,103 +351,115 @@ def _ce(label_smoothing):
     def loss(logits, y): return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     return loss
 
-def train_classifier(kind: str = 'wmsa', data: str = 'sample', split: str | None = None, test: str | None = None,
-                     resize: int | None = None, size: str = 'tiny', dim: int | None = None, depth: int | None = None,
-                     heads: int | None = None, levels: int = 3, wavelet: str = 'haar', overcomplete: bool = False,
-                     ll_pool: int | None = None, patch: int = 1, kernel: bool = True, radius: float = 3.0, vit_patch: int = 4,
-                     drop_path: float = 0.1, steps: int = 2000, minutes: float | None = None, batch_size: int = 128,
-                     lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.05, label_smoothing: float = 0.1,
-                     policy: str = 'trivial', mix: float = 0.0, ema: float = 0.0, valid_size: int | None = None,
-                     eval_every: int = 500, ckpt='runs/wmsa', ckpt_every: int = 1000, out='figures/wmsa', device=None,
-                     seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
-    "Train a W-MSA or ViT classifier with the CIFAR recipe; evaluate once on `test` at the end; write `out/metrics.json`."
-    from wavenb.data import load_images
-    from wavenb.learner import Learner, LRScheduleCB, TimeLimitCB, GradClipCB, EMACB, EvalCB, CheckpointCB, ProgressCB, ResultsCB, save_config
-    from wavenb.metrics import accuracy, dataset_info
-    if isinstance(warmup, bool) or int(warmup) != warmup or warmup < 0: raise ValueError(f'warmup is a number of steps (an integer >= 0), got {warmup!r}')
-    if minutes is not None and not minutes > 0: raise ValueError(f'minutes must be > 0, got {minutes!r}')
-    warmup = int(warmup)
-    ds = load_images(data, split, size=resize)
+# %% ../nbs/30_wmsa.ipynb #207a0ffa
+def classifier_report(L, cfg: dict, out, valid, test=None) -> dict:
+    "Validation and (once) test accuracy of the reported weights, tokens, cost per image, and W-MSA's attention figure in `out`."
+    m, wmsa, shape = L.ema_model if L.ema_model is not None else L.raw_model, cfg['kind'] == 'wmsa', valid.shape
+    r = dict(valid_acc=L.last_eval['acc'], valid_loss=L.last_eval['loss'],
+             tokens=len(m.tok) if wmsa else (cfg['image_size'] // cfg['vit_patch']) ** 2,
+             claimed_params=CLAIMED_PARAMS[cfg['model_size']] if wmsa and cfg['dim'] is None and cfg['depth'] is None else None,
+             flops_per_image=count_flops(m, shape), inference_images_per_s=round(inference_throughput(m, shape, cfg['batch_size']), 1),
+             weights='EMA' if L.ema_model is not None else 'final')
+    if test is not None:
+        e = L.evaluate(m, test, metrics=dict(acc=accuracy))
+        r.update(test_acc=e['acc'], test_loss=e['loss'], test_data=dataset_info(test))
+    if wmsa:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plt.close(plot_attention(m, to_float(valid.images[0], 'symmetric'), path=Path(out) / 'attention.png',
+                                 title=f"W-MSA {cfg['model_size']}: attention of the last block, one validation image"))
+    return r
+
+# %% ../nbs/30_wmsa.ipynb #b2431e46
+def train_classifier(kind: typing.Literal['wmsa', 'vit'] = 'wmsa',  # the model: W-MSA, or the ViT baseline
+                     data: str = 'sample', split: str | None = None,
+                     test_data: str | None = None,
+                     size: int | None = None,  # resize images to SIZE x SIZE
+                     model_size: typing.Literal['tiny', 'small', 'base'] = 'tiny',  # dim/depth/heads: tiny 96/4/3, small 192/6/3, base 384/12/6
+                     dim: int | None = None,  # token width (default: the model size's)
+                     depth: int | None = None,  # transformer blocks (default: the model size's)
+                     heads: int | None = None,  # attention heads (default: the model size's)
+                     levels: int = 3,  # DWT levels
+                     wavelet: str = 'haar',  # orthogonal wavelet of the DWT: haar, db4, sym4, coif2, ...
+                     overcomplete: bool = False,  # also keep LL_1..LL_{J-1} (the original token set)
+                     ll_pool: int | None = None,  # pool the coarsest LL band to K x K tokens
+                     patch: int = 1,  # group P x P coefficient positions of a band into one token (1: one token per coefficient)
+                     kernel: bool = True,  # use the PSD attention kernel (without it: plain attention over wavelet tokens, the ablation)
+                     radius: float = 3.0,  # spatial window side, in strides of each token
+                     vit_patch: int = 4,  # patch size of the ViT (train vit, or the --compare-vit baseline)
+                     drop_path: float = 0.1,  # stochastic depth of the last block (from 0 at the first)
+                     steps: int = 2000, minutes: float | None = None, batch_size: int = 128, lr: float = 1e-3, warmup: int = 100,
+                     weight_decay: float = 0.05,  # AdamW weight decay (weight matrices only)
+                     label_smoothing: float = 0.1,  # label smoothing of the cross-entropy
+                     policy: typing.Literal['trivial', 'randaug', 'none'] = 'trivial',  # augmentation after random crop + flip
+                     mix: float = 0.0,  # probability of MixUp/CutMix per batch
+                     ema: float = 0.0,
+                     valid_size: int | None = None,  # images held out of --data for validation, a fixed split (default: min(5000, a tenth))
+                     eval_every: int = 500,  # steps between validations
+                     ckpt: str = 'runs/wmsa', ckpt_every: int = 1000, out: str = 'figures/wmsa', device: str | None = None,
+                     seed: int = 0, compile: bool = False, workers: int = 0,
+                     compare_vit: bool = False,  # then train the ViT of the same size, recipe and budget in CKPT/vit, OUT/vit; write OUT/compare.md
+                     ) -> dict:
+    "Train a W-MSA or ViT classifier with the CIFAR recipe; evaluate once on `test_data` at the end (without it: validation only); write `out/metrics.json`."
+    if compare_vit: return _compare_vit(dict(locals()))
+    ds, test = load_source(data, size, split), load_source(test_data, size) if test_data else None
+    if test is not None and test.shape != ds.shape: raise ValueError(f'test images are {test.shape}, training images {ds.shape}')
     nv = valid_size if valid_size is not None else min(5000, len(ds) // 10)
     if not 0 < nv < len(ds) - batch_size: raise ValueError(f'valid_size {nv} leaves too few of the {len(ds)} training images for batches of {batch_size}')
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234))     # a fixed split, whatever the seed
-    valid, train = ds.subset(perm[:nv]), ds.subset(perm[nv:])
-    train.name, valid.name = f'{ds.name} minus {nv} held out', f'{ds.name}: {nv} held out for validation'
-    cfg = dict(kind=kind, size=size, dim=dim, depth=depth, heads=heads, levels=levels, wavelet=wavelet, overcomplete=overcomplete,
-               ll_pool=ll_pool, patch=patch, kernel=kernel, radius=radius, vit_patch=vit_patch, drop_path=drop_path,
+    train, valid = holdout_split(ds, nv, 1234)                   # a fixed validation split, whatever the seed
+    cfg = dict(kind=kind, model_size=model_size, dim=dim, depth=depth, heads=heads, levels=levels, wavelet=wavelet, overcomplete=overcomplete,
+               ll_pool=ll_pool, patch=patch, kernel=kernel, radius=radius, vit_patch=vit_patch, drop_path=drop_path, size=size,
                image_size=ds.shape[-1], channels=ds.shape[0], n_classes=len(ds.classes), data=ds.name, data_sha256=ds.checksum,
                steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                label_smoothing=label_smoothing, policy=policy, mix=mix, ema=ema, valid_size=nv, seed=seed)
-    cfg = save_config(ckpt, cfg, may_change=('steps',))     # a run may be extended
-    model = build_classifier(cfg)
-    if kind == 'wmsa': model.tok.fit_scales(to_float(train.images[:5000], 'symmetric'))   # per-band scales (a buffer; a resumed run reloads them)
-    out, loss = Path(out), _ce(label_smoothing)
+    model = build_classifier(cfg)                                 # checks the model options before anything is written
+    cbs = [EvalCB(eval_every, metrics=dict(acc=accuracy)), *run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every,
+           keep=1, dataset=train, experiment=kind, config=cfg, valid=dataset_info(valid),
+           metrics_fn=lambda L: classifier_report(L, cfg, out, valid, test))] + ([MixCB(len(ds.classes), mix)] if mix else [])
+    cfg.update(save_config(ckpt, cfg, may_change=('steps',)))    # in place, so the results hold the saved configuration; a run may be extended
+    if kind == 'wmsa': model.tok.fit_scales(to_float(train.images[:5000], 'symmetric'))   # a buffer: a resumed run reloads it
+    return Learner(model, train, _ce(label_smoothing), batch_size=batch_size, valid_ds=valid, collate=AugCollate(policy),
+                   valid_collate=Collate('symmetric'), lr=lr, opt_func=adamw_groups(model), seed=seed, device=device, compile=compile,
+                   num_workers=workers, weight_decay=weight_decay, cbs=cbs).fit(steps).results
 
-    def finish(L) -> dict:
-        m = L.ema_model if L.ema_model is not None else L.raw_model
-        r = dict(valid_acc=L.last_eval['acc'], valid_loss=L.last_eval['loss'], tokens=len(m.tok) if kind == 'wmsa' else (cfg['image_size'] // vit_patch) ** 2,
-                 claimed_params=CLAIMED_PARAMS[size] if kind == 'wmsa' and dim is None and depth is None else None,
-                 flops_per_image=count_flops(m, ds.shape), inference_images_per_s=round(inference_throughput(m, ds.shape, batch_size), 1),
-                 weights='EMA' if L.ema_model is not None else 'final')
-        if test is not None:
-            from wavenb.cli import parse_source
-            ts = load_images(*parse_source(test), size=resize)
-            if ts.shape != ds.shape: raise ValueError(f'test images are {ts.shape}, training images {ds.shape}')
-            e = L.evaluate(m, ts, metrics=dict(acc=accuracy))
-            r.update(test_acc=e['acc'], test_loss=e['loss'], test_data=dataset_info(ts))
-        if kind == 'wmsa':
-            import matplotlib.pyplot as plt
-            out.mkdir(parents=True, exist_ok=True)
-            plt.close(plot_attention(m, to_float(valid.images[0], 'symmetric'), path=out / 'attention.png',
-                                     title=f'W-MSA {size}: attention of the last block, one validation image'))
-        return r
-
-    cbs = [LRScheduleCB(warmup, minutes=minutes), GradClipCB(1.0), EvalCB(eval_every, metrics=dict(acc=accuracy)), ProgressCB(every=20),
-           CheckpointCB(ckpt, every=ckpt_every, keep=1),
-           ResultsCB(out, dataset=train, metrics_fn=finish, experiment=kind, config=cfg, valid=dataset_info(valid))]
-    if ema: cbs.append(EMACB(ema))
-    if mix: cbs.append(MixCB(len(ds.classes), mix))
-    if minutes: cbs.append(TimeLimitCB(minutes))
-    learn = Learner(model, train, loss, batch_size=batch_size, valid_ds=valid, collate=AugCollate(policy), valid_collate=Collate('symmetric'),
-                    lr=lr, opt_func=adamw_groups(model), seed=seed, device=device, compile=compile, num_workers=workers,
-                    weight_decay=weight_decay, cbs=cbs)
-    learn.fit(steps)
-    return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
-
+# %% ../nbs/30_wmsa.ipynb #aaf3c37d
 def load_classifier(ckpt, device='cpu') -> tuple[nn.Module, dict]:
-    "Rebuild (model with its final or EMA weights, config) from a `train_classifier` checkpoint folder."
-    from wavenb.learner import load_run, ema_state, load_weights
-    cfg, ck, path = load_run(ckpt, 'wavenb train wmsa/vit')
-    model, ema = build_classifier(cfg), ema_state(ck, path, required=False)
-    if ema is not None: load_weights(model, ema, path, 'EMA model')
-    else: load_weights(model, ck['model'], path)
-    return model.to(device).eval(), cfg
+    "Rebuild (model in eval mode with its EMA weights if the run kept them, else the final ones; config) from a `train_classifier` folder."
+    return load_model(ckpt, build_classifier, 'wavenb train wmsa/vit', device=device)
 
 @torch.no_grad()
-def eval_classifier(ckpt, data: str, split: str | None = None, batch_size: int = 500, device=None, kind: str | None = None,
-                    resize: int | None = None) -> dict:
+def eval_classifier(ckpt: str = 'runs/wmsa',  # checkpoint folder written by wavenb train wmsa/vit
+                    test_data: str | None = None,  # labelled images SOURCE[:SPLIT] to evaluate on, e.g. cifar10-test.npz
+                    size: int | None = None,  # resize images to SIZE x SIZE (as in training)
+                    batch_size: int = 500,  # images per forward pass
+                    device: str | None = None,
+                    kind: typing.Literal['wmsa', 'vit'] | None = None,  # the model the folder must hold (default: either)
+                    out: str | None = None,  # folder for metrics.json (default: none)
+                    ) -> dict:
     "Accuracy and loss of a checkpoint folder's model on a labelled data set."
-    from wavenb.data import load_images
+    if not test_data: raise ValueError('no images to evaluate on: give --test-data SOURCE[:SPLIT]')
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, cfg = load_classifier(ckpt, device)
     if kind is not None and cfg['kind'] != kind: raise ValueError(f"{ckpt} holds a {cfg['kind']} model, not {kind}: use wavenb eval {cfg['kind']}")
-    ds = load_images(data, split, size=resize)
-    if ds.shape != (cfg['channels'], cfg['image_size'], cfg['image_size']): raise ValueError(f'{data} has images {ds.shape}, the model takes {(cfg["channels"], cfg["image_size"], cfg["image_size"])}')
+    ds, want = load_source(test_data, size), (cfg['channels'], cfg['image_size'], cfg['image_size'])
+    if ds.shape != want: raise ValueError(f'{test_data} has images {ds.shape}, the model takes {want}')
     correct, tot = 0, 0.0
     for i in range(0, len(ds), batch_size):
         x, y = to_float(ds.images[i:i + batch_size].to(device), 'symmetric'), ds.labels[i:i + batch_size].to(device)
         with torch.autocast('cuda', torch.bfloat16, enabled=torch.device(device).type == 'cuda'): logits = model(x).float()
         correct += (logits.argmax(-1) == y).sum().item(); tot += F.cross_entropy(logits, y, reduction='sum').item()
-    return dict(kind=cfg['kind'], acc=correct / len(ds), loss=tot / len(ds), images=len(ds), data=ds.name)
+    r = dict(kind=cfg['kind'], acc=correct / len(ds), loss=tot / len(ds), images=len(ds), data=ds.name)
+    if out: write_metrics(out, r, device=device, checkpoint=str(ckpt))
+    return r
 
+# %% ../nbs/30_wmsa.ipynb #620e95b3
 def results_table(folders) -> str:
     "A markdown table of the metrics.json files in `folders` (one row per run)."
     head = '| run | model | tokens | params | GFLOPs/img | test acc | valid acc | train img/s | infer img/s | peak mem GB | steps | train s |'
     rows = [head, '|' + '---|' * (head.count('|') - 1)]
     for f in folders:
         j = json.loads((Path(f) / 'metrics.json').read_text()); m, c = j['metrics'], j.get('config', {})
-        if c['kind'] == 'vit': name = f"ViT {c['size']}, patch {c['vit_patch']}"
-        else: name = (f"W-MSA {c['size']}, {c['wavelet']} J={c['levels']}" + (', overcomplete' if c['overcomplete'] else '') +
+        if c['kind'] == 'vit': name = f"ViT {_model_size(c)}, patch {c['vit_patch']}"
+        else: name = (f"W-MSA {_model_size(c)}, {c['wavelet']} J={c['levels']}" + (', overcomplete' if c['overcomplete'] else '') +
                       ('' if c['kernel'] else ', no kernel') + (f", patch {c['patch']}" if c['patch'] > 1 else ''))
         fmt = lambda v, p='.4f': '-' if v is None else format(v, p)
         rows.append(f"| {Path(f).name} | {name} | {m.get('tokens')} | {j['parameters'] / 1e6:.2f}M | {fmt(m.get('flops_per_image', 0) / 1e9, '.3f')} | "
@@ -447,77 +467,30 @@ def results_table(folders) -> str:
                     f"{fmt(j['peak_memory_bytes'] / 1e9 if 'peak_memory_bytes' in j else None, '.2f')} | {j['steps']} | {j['train_time_s']:.0f} |")
     return '\n'.join(rows)
 
-# %% ../nbs/30_wmsa.ipynb #8009adea
-def _train_cli(a):
-    from wavenb.cli import parse_source
-    src, split = parse_source(a.data)
-    kw = dict(data=src, split=a.split or split, test=a.test, resize=a.resize, size=a.size, dim=a.dim, depth=a.depth, heads=a.heads,
-              levels=a.levels, wavelet=a.wavelet, overcomplete=a.overcomplete, ll_pool=a.ll_pool, patch=a.patch, kernel=not a.no_kernel,
-              radius=a.radius, vit_patch=a.vit_patch, drop_path=a.drop_path, steps=a.steps, minutes=a.minutes, batch_size=a.batch_size,
-              lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, policy=a.policy, mix=a.mix,
-              ema=a.ema, valid_size=a.valid_size, eval_every=a.eval_every, ckpt_every=a.ckpt_every, device=a.device, seed=a.seed,
-              compile=a.compile, workers=a.workers)
-    m = train_classifier(a.kind, ckpt=a.ckpt, out=a.out, **kw)
-    print(json.dumps(m, indent=2, default=str))
-    if getattr(a, 'compare_vit', False):
-        train_classifier('vit', ckpt=Path(a.ckpt) / 'vit', out=Path(a.out) / 'vit', **kw)
-        table = results_table([a.out, Path(a.out) / 'vit'])
-        (Path(a.out) / 'compare.md').write_text(table + '\n'); print(table)
-    return 0
+def _compare_vit(args: dict) -> dict:
+    "Train the W-MSA model of `train_classifier`'s `args`, then the ViT with the same options; write and print `out/compare.md`."
+    if args['kind'] != 'wmsa': raise ValueError('compare_vit trains a W-MSA model and then the ViT: use it with wavenb train wmsa')
+    args = dict(args, compare_vit=False)
+    r = train_classifier(**args)
+    train_classifier(**dict(args, kind='vit', ckpt=Path(args['ckpt']) / 'vit', out=Path(args['out']) / 'vit'))
+    table = results_table([args['out'], Path(args['out']) / 'vit'])
+    (Path(args['out']) / 'compare.md').write_text(table + '\n'); print(table)
+    return r
 
-def _eval_cli(a):
-    from wavenb.cli import parse_source
-    src, split = parse_source(a.data)
-    r = eval_classifier(a.ckpt, src, a.split or split, a.batch_size, a.device, a.kind, a.resize)
-    print(json.dumps(r, indent=2))
-    if a.out:
-        from wavenb.metrics import write_metrics
-        print('wrote', write_metrics(a.out, r, device=a.device or ('cuda' if torch.cuda.is_available() else 'cpu'), checkpoint=str(a.ckpt)))
-    return 0
+# %% ../nbs/30_wmsa.ipynb #8009adea
+WMSA_ONLY = ('levels', 'wavelet', 'overcomplete', 'll_pool', 'patch', 'kernel', 'radius', 'compare_vit')   # not options of the ViT
+
+def _command(fn, fixed: dict, **defaults):
+    "`fn` with the parameters in `fixed` set (and left out of its signature) and other `defaults`, documented as `fn`."
+    sig = inspect.signature(fn)
+    def cmd(**kw): return fn(**fixed, **kw)
+    functools.update_wrapper(cmd, fn)
+    cmd.__signature__ = sig.replace(parameters=[p.replace(default=defaults.get(k, p.default)) for k, p in sig.parameters.items() if k not in fixed])
+    return cmd
 
 def add_cli(cmds: dict):
-    "Add `wavenb train wmsa|vit` and `wavenb eval wmsa|vit` to the `wavenb` command's subparsers."
-    for kind, what in [('wmsa', 'Wavelet Transformer with Wavelet Multi-Scale Attention'), ('vit', 'ViT baseline for W-MSA')]:
-        s = cmds['train'].add_parser(kind, help=f'{what}: CIFAR-style classifier', description=f'Train a {what} classifier (checkpoints resume '
-                                     'exactly; writes OUT/metrics.json with validation and, with --test, test accuracy).')
-        s.set_defaults(fn=_train_cli, kind=kind)
-        s.add_argument('--data', default='sample', help='training data source[:split] (a validation split is carved from it)')
-        s.add_argument('--split'); s.add_argument('--test-data', '--test', dest='test', help='test data source[:split], evaluated once at the end')
-        s.add_argument('--resize', type=int, help='resize images to SIZE x SIZE (small CPU checks)')
-        s.add_argument('--size', choices=list(SIZES), default='tiny', help='model size: ' + ', '.join(f'{k} {v}' for k, v in SIZES.items()))
-        s.add_argument('--dim', type=int); s.add_argument('--depth', type=int); s.add_argument('--heads', type=int)
-        s.add_argument('--drop-path', type=float, default=0.1)
-        if kind == 'wmsa':
-            s.add_argument('--levels', type=int, default=3); s.add_argument('--wavelet', default='haar', help='haar, db4, sym4, coif2, ...')
-            s.add_argument('--overcomplete', action='store_true', help='also keep LL_1..LL_{J-1} (the original token set)')
-            s.add_argument('--ll-pool', type=int, help='pool the coarsest LL band to K x K tokens')
-            s.add_argument('--patch', type=int, default=1, help='group P x P coefficient positions of a band into one token (1: one token per coefficient)')
-            s.add_argument('--no-kernel', action='store_true', help='plain attention over wavelet tokens (ablation)')
-            s.add_argument('--radius', type=float, default=3.0, help='spatial window side in strides of each token')
-            s.add_argument('--vit-patch', type=int, default=4, help='patch size of the --compare-vit baseline')
-            s.add_argument('--compare-vit', action='store_true', help='then train the ViT of the same size, same recipe and budget; write OUT/compare.md')
-        else:
-            s.add_argument('--vit-patch', type=int, default=4, help='patch size')
-            s.set_defaults(levels=3, wavelet='haar', overcomplete=False, ll_pool=None, patch=1, no_kernel=False, radius=3.0)
-        s.add_argument('--steps', type=int, default=2000, help='training steps (with --minutes: a cap)')
-        s.add_argument('--minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there (--steps is then a cap)')
-        s.add_argument('--batch-size', type=int, default=128); s.add_argument('--lr', type=float, default=1e-3)
-        s.add_argument('--warmup', type=int, default=100, help='linear LR warmup steps')
-        s.add_argument('--weight-decay', type=float, default=0.05); s.add_argument('--label-smoothing', type=float, default=0.1)
-        s.add_argument('--policy', choices=['trivial', 'randaug', 'none'], default='trivial', help='augmentation after crop + flip')
-        s.add_argument('--mix', type=float, default=0.0, help='probability of MixUp/CutMix per batch')
-        s.add_argument('--ema', type=float, default=0.0, help='EMA decay of the weights evaluated (0: none)')
-        s.add_argument('--valid-size', type=int, help='images held out of the training data for validation (default min(5000, 10%%))')
-        s.add_argument('--eval-every', type=int, default=500)
-        s.add_argument('--ckpt', default=f'runs/{kind}', help='checkpoint folder (re-running resumes from it)')
-        s.add_argument('--ckpt-every', type=int, default=1000)
-        s.add_argument('--out', default=f'figures/{kind}', help='results folder')
-        s.add_argument('--device'); s.add_argument('--seed', type=int, default=0); s.add_argument('--compile', action='store_true')
-        s.add_argument('--workers', type=int, default=0, help='data loader worker processes (augmentation runs there)')
-        s = cmds['eval'].add_parser(kind, help=f'evaluate a trained {kind} classifier', description=f'Accuracy of a wavenb train {kind} checkpoint folder on a labelled data set.')
-        s.set_defaults(fn=_eval_cli, kind=kind)
-        s.add_argument('--ckpt', required=True, help=f'checkpoint folder written by wavenb train {kind}')
-        s.add_argument('--data', required=True, help='labelled data source[:split], e.g. cifar10-test.npz')
-        s.add_argument('--split'); s.add_argument('--batch-size', type=int, default=500); s.add_argument('--device')
-        s.add_argument('--resize', type=int, help='resize images to SIZE x SIZE (as in training)')
-        s.add_argument('--out', help='folder for metrics.json')
+    "Add `wavenb train wmsa|vit` and `wavenb eval wmsa|vit`: their options are `train_classifier`'s and `eval_classifier`'s parameters."
+    for kind, what, skip in [('wmsa', 'Wavelet Transformer with Wavelet Multi-Scale Attention', ()), ('vit', 'ViT baseline for W-MSA', WMSA_ONLY)]:
+        add_command(cmds['train'], kind, _command(train_classifier, dict(kind=kind), ckpt=f'runs/{kind}', out=f'figures/{kind}'),
+                    help=f'{what}: CIFAR-style classifier', skip=skip)
+        add_command(cmds['eval'], kind, _command(eval_classifier, dict(kind=kind), ckpt=f'runs/{kind}'), help=f'evaluate a trained {kind} classifier')

@@ -4,19 +4,22 @@
 
 # %% ../nbs/10_wno.ipynb #ab178f26
 from __future__ import annotations
-import json, math, time
+import json, math, time, typing
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .haar import dwt2_stacked, idwt2_stacked
-from .learner import Learner, Callback
+from .data import ImageSet, Collate, to_float
+from .learner import Learner, Callback, save_config
+from .metrics import save_grid, plot_losses
+from .run import train_test, load_source, run_callbacks, fid_metric, sample_and_score, load_model, add_command
 
 # %% auto #0
-__all__ = ['ORIGINAL_CLAIMS', 'SR_PROTOCOLS', 'HaarOperatorLayer', 'pyramid', 'coords', 'WNO', 'grow', 'generate', 'Perceptual',
-           'gradient_l1', 'WNOLoss', 'PatchDiscriminator', 'PatchGANCB', 'WNOLearner', 'saved_bytes', 'train_memory',
-           'memory_profile', 'upsample', 'evaluate_sr', 'scales_figure', 'evaluate_sr_onestep', 'train_wno', 'load_wno',
-           'sample_wno', 'add_cli']
+__all__ = ['ORIGINAL_CLAIMS', 'SR_PROTOCOLS', 'WNO_KEYS', 'HaarOperatorLayer', 'pyramid', 'coords', 'WNO', 'grow', 'generate',
+           'Perceptual', 'gradient_l1', 'WNOLoss', 'PatchDiscriminator', 'PatchGANCB', 'WNOLearner', 'saved_bytes',
+           'train_memory', 'memory_profile', 'upsample', 'evaluate_sr', 'scales_figure', 'evaluate_sr_onestep',
+           'build_wno', 'load_wno', 'wno_data', 'wno_loss', 'wno_report', 'train_wno', 'sample_wno', 'add_cli']
 
 # %% ../nbs/10_wno.ipynb #f8825691
 class HaarOperatorLayer(nn.Module):
@@ -424,148 +427,124 @@ SR_PROTOCOLS = dict(model_selection='none: the final EMA weights, evaluated once
                     sr_onestep='one x2 step at every transition from the true (average-pooled) lower level, zero noise; nearest, bilinear, bicubic from the same input',
                     baselines='F.interpolate on the block-centre grid of average pooling (align_corners=False), clipped to [0, 1]')
 
-def _model_cfg(cfg): return {k: cfg[k] for k in ('width', 'depth', 'local', 'size0', 'size', 'sigmas', 'channels')}
+# %% ../nbs/10_wno.ipynb #1fd4be59
+WNO_KEYS = ('width', 'depth', 'local', 'size0', 'size', 'sigmas', 'channels')
 
-def train_wno(data: str = 'sample', split: str | None = None, size: int | None = 64, test_data: str | None = None, test_split: str | None = None,
-              width: int = 64, depth: int = 4, local: int = 3, sigma: float = 0.1, steps: int = 1000, max_minutes: float | None = None,
-              batch_size: int = 64, lr: float = 1e-3, warmup: int = 100, ema: float = 0.999, lambda_v: float = 0.1, lambda_s: float = 0.5,
-              lambda_g: float = 1.0, lambda_adv: float = 0.05, scale_weights=None, perceptual: str = 'random', disc_width: int = 64,
-              fid_weights=None, eval_samples: int = 0, sr_images: int | None = None, memory: bool = False, ckpt='runs/wno',
-              ckpt_every: int = 1000, out='figures/wno', device=None, seed: int = 0, compile: bool = False, fid_net: nn.Module | None = None) -> dict:
-    "Train the scale-recursive WNO and write checkpoints, figures and `out/metrics.json` (see above)."
-    from wavenb.data import load_images, Collate, to_float
-    from wavenb.learner import LRScheduleCB, GradClipCB, EMACB, CheckpointCB, ProgressCB, ResultsCB, TimeLimitCB, save_config
-    from wavenb.metrics import FIDKID, save_grid, plot_losses
-    if perceptual not in ('inception', 'random'): raise ValueError(f"perceptual must be 'inception' or 'random', got {perceptual!r}")
-    if size is not None and (size < 8 or size % 4 or (size // 4) & (size // 4 - 1)): raise ValueError(f'size must be 4 * 2^k >= 8 (8, 16, 32, 64, ...), got {size}')
-    ds = load_images(data, split, size=size)
-    if test_data is not None: test, test_name = load_images(test_data, test_split, size=size), None
-    else:
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
-        k = max(1, len(ds) // 10); test, ds = ds.subset(perm[:k]), ds.subset(perm[k:])
-        test_name = f'held-out 10% of {ds.name} (seed {seed}); the model trains on the other 90%'
-    C, H, W = ds.shape
-    ckpt, out = Path(ckpt), Path(out)
-    levels = int(round(math.log2(H / 4)))
-    cfg = dict(width=width, depth=depth, local=local, size0=4, size=H, sigmas=[sigma] * levels, channels=C, data=ds.name, data_sha256=ds.checksum)
-    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration
-    torch.manual_seed(seed)          # the initial weights of the generator and the discriminator depend on the seed only
-    model = WNO(**_model_cfg(cfg))
-    model.fit_prior(to_float(ds.images[torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:20_000]]))
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    perc = Perceptual(perceptual, fid_weights).to(dev) if lambda_v else None
-    crit = WNOLoss(scale_weights, lambda_v, lambda_s, lambda_g, perc)
-    losses = dict(lambda_v=lambda_v, lambda_s=lambda_s, lambda_g=lambda_g, lambda_adv=lambda_adv, scale_weights=scale_weights,
-                  perceptual=perc.name if perc else None, gan='hinge PatchGAN at the finest scale' if lambda_adv else None,
-                  scale_targets='2x2 average pooling (= Haar LL / 2)')
-
-    def evaluate(L) -> dict:
-        m = L.ema_model.eval()
-        res = dict(epochs=round(L.images_seen / len(ds), 3))
-        t0 = time.perf_counter()
-        xt = test.images if sr_images is None else test.images[:sr_images]
-        res.update(evaluate_sr(m, xt, (4, 8), 250, L.device, seed))
-        res.update(evaluate_sr_onestep(m, xt, 250, L.device))
-        res['sr_eval_s'] = round(time.perf_counter() - t0, 1)
-        g = torch.Generator(device=L.device).manual_seed(seed)
-        save_grid(generate(m, 64, generator=g).float().cpu(), out / 'samples.png', 8)
-        scales_figure(m, out / 'scales_uncond.png', 8, seed=seed, title='unconditional: 4x4 canvas from the prior, grown to full size')
-        scales_figure(m, out / 'scales_sr.png', 8, real=to_float(test.images[:8]), seed=seed, title='super-resolution from the real 4x4 (test split)')
-        hist = {k: (L.history['step'][-len(v):], v) for k, v in L.history.items() if k.startswith(('l1_', 'adv_')) or k == 'd_loss'}
-        import matplotlib.pyplot as plt
-        plt.close(plot_losses(hist, out / 'loss_terms.png', log=False, title='L1 per scale and adversarial terms'))
-        if eval_samples > 0:
-            fk = FIDKID(fid_net, weights=fid_weights, device=L.device).set_real(ds)
-            n, t0 = 0, time.perf_counter()
-            while n < eval_samples:
-                b = min(500, eval_samples - n); fk.add_fake(generate(m, b, generator=g).float()); n += b
-            r = fk.compute()
-            res.update(fid=r['fid'], kid=r['kid'], kid_std=r['kid_std'], fid_samples=r['n_fake'], fid_reference=r['reference'],
-                       fid_reference_images=r['n_real'], fid_feature_net=r['feature_net'], fid_eval_s=round(time.perf_counter() - t0, 1))
-        if memory: res['memory'] = (memory_profile(device=L.device, plot=out / 'memory.png') if L.device.type == 'cuda'
-                                    else 'not measured: --memory needs a CUDA device (max_memory_allocated)')
-        return res
-
-    gan = PatchGANCB(PatchDiscriminator(C, disc_width), lambda_adv) if lambda_adv else None
-    cbs = [LRScheduleCB(warmup, minutes=max_minutes), GradClipCB(1.0), EMACB(ema), ProgressCB(every=20), CheckpointCB(ckpt, every=ckpt_every, keep=2),
-           ResultsCB(out, dataset=ds, metrics_fn=evaluate, experiment='wno', config=cfg, losses=losses, max_minutes=max_minutes, sr_protocols=SR_PROTOCOLS,
-                     test_dataset=dict(test.describe() if test_name is None else {}, split=test_name or 'test_data'), original_claims=ORIGINAL_CLAIMS)]
-    if gan: cbs.append(gan)
-    if max_minutes: cbs.append(TimeLimitCB(max_minutes))
-    learn = WNOLearner(model, ds, crit, batch_size=batch_size, lr=lr, seed=seed, device=dev, compile=compile,
-                       collate=Collate(scale='unit', flip=True), cbs=cbs)
-    learn.fit(steps)
-    return json.loads((out / 'metrics.json').read_text())['metrics'] if learn.is_main else {}
+def build_wno(cfg: dict) -> WNO:
+    "The generator of a configuration dict (as saved in `config.json`)."
+    if missing := [k for k in WNO_KEYS if k not in cfg]: raise ValueError(f'not a WNO configuration: it has no {missing}')
+    return WNO(**{k: cfg[k] for k in WNO_KEYS})
 
 def load_wno(ckpt, device='cpu') -> tuple[WNO, dict]:
-    "The EMA generator and its configuration from a `train_wno` checkpoint folder."
-    from wavenb.learner import load_run, ema_state, load_weights
-    cfg, ck, path = load_run(ckpt, 'train_wno')
-    model = WNO(**_model_cfg(cfg))
-    load_weights(model, ema_state(ck, path), path, 'EMA generator')
-    return model.to(device).eval(), cfg
+    "The generator (EMA weights if the run kept them) and its configuration from a `train_wno` checkpoint folder."
+    return load_model(ckpt, build_wno, 'train_wno', device=device)
 
-def sample_wno(ckpt, n: int = 64, out=None, scales=None, seed: int = 0, device=None) -> Tensor:
-    "`n` unconditional samples (EMA weights) in [0, 1]; optionally a PNG grid at `out` and a per-scale figure at `scales`."
-    from wavenb.metrics import save_grid
+def wno_data(data: str = 'sample', split: str | None = None, test_data: str | None = None, size: int | None = None,
+             holdout: int | None = None, seed: int = 0) -> tuple[ImageSet, ImageSet, dict]:
+    "`train_test` with this chapter's default split: without `test_data`, `holdout` images of `data` (None: 10%) held out, seeded."
+    if holdout is None and not test_data: holdout = max(1, len(load_source(data, size, split)) // 10)
+    return train_test(data, split, test_data, size, holdout, seed)
+
+# %% ../nbs/10_wno.ipynb #76e3fef9
+def wno_loss(levels: int, lambda_v: float = 0.1, lambda_s: float = 0.5, lambda_g: float = 1.0, lambda_adv: float = 0.05,
+             scale_weights=None, perceptual: str = 'random', fid_weights=None) -> tuple[WNOLoss, dict]:
+    "The per-scale criterion for `levels` output scales (on the CPU: move it to the training device) and its description."
+    if scale_weights is not None and len(scale_weights) != levels:
+        raise ValueError(f'scale_weights needs one weight per output scale ({levels}, coarse to fine), got {len(scale_weights)}')
+    perc = Perceptual(perceptual, fid_weights) if lambda_v else None
+    losses = dict(lambda_v=lambda_v, lambda_s=lambda_s, lambda_g=lambda_g, lambda_adv=lambda_adv,
+                  scale_weights=None if scale_weights is None else list(scale_weights), perceptual=perc.name if perc else None,
+                  gan='hinge PatchGAN at the finest scale' if lambda_adv else None, scale_targets='2x2 average pooling (= Haar LL / 2)')
+    return WNOLoss(scale_weights, lambda_v, lambda_s, lambda_g, perc), losses
+
+# %% ../nbs/10_wno.ipynb #9ca4d0c8
+def wno_report(L, train: ImageSet, test: ImageSet, out: Path, seed: int = 0, sr_images: int | None = None, eval_samples: int = 0,
+               fid_net: nn.Module | None = None, fid_weights=None, memory: bool = False) -> dict:
+    "The final EMA generator, once: super-resolution on `test` (chains, one x2 step), figures, FID/KID against `train`, GPU memory."
+    import matplotlib.pyplot as plt
+    m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
+    res = dict(epochs=round(L.images_seen / len(train), 3))
+    t0, xt = time.perf_counter(), test.images if sr_images is None else test.images[:sr_images]
+    res.update(evaluate_sr(m, xt, (4, 8), 250, L.device, seed))
+    res.update(evaluate_sr_onestep(m, xt, 250, L.device))
+    res['sr_eval_s'] = round(time.perf_counter() - t0, 1)
+    g = torch.Generator(device=L.device).manual_seed(seed)
+    save_grid(generate(m, 64, generator=g).float().cpu(), out / 'samples.png', 8)
+    scales_figure(m, out / 'scales_uncond.png', 8, seed=seed, title='unconditional: 4x4 canvas from the prior, grown to full size')
+    scales_figure(m, out / 'scales_sr.png', 8, real=to_float(test.images[:8]), seed=seed, title='super-resolution from the real 4x4 (test split)')
+    hist = {k: (L.history['step'][-len(v):], v) for k, v in L.history.items() if k.startswith(('l1_', 'adv_')) or k == 'd_loss'}
+    plt.close(plot_losses(hist, out / 'loss_terms.png', log=False, title='L1 per scale and adversarial terms'))
+    if eval_samples > 0:
+        fk = fid_metric(train, fid_net, fid_weights, L.device)
+        res.update(sample_and_score(lambda b: generate(m, b, generator=g), eval_samples, fk, reference=train))
+    if memory: res['memory'] = (memory_profile(device=L.device, plot=out / 'memory.png') if L.device.type == 'cuda'
+                                else 'not measured: --memory needs a CUDA device (max_memory_allocated)')
+    return res
+
+# %% ../nbs/10_wno.ipynb #87c65505
+def train_wno(data: str = 'sample', split: str | None = None, test_data: str | None = None,
+              size: int | None = 64,  # resize images to SIZE x SIZE, 4 * 2^k >= 8 (none: as stored)
+              holdout: int | None = None,  # images held out of --data for testing when there is no --test-data (default: a tenth of them)
+              width: int = 64,  # channels of the operator layers
+              depth: int = 4,  # Haar operator layers
+              local: int = 3,  # kernel of the depthwise local path (0: the pure Haar layer)
+              sigma: float = 0.1,  # std of the per-level noise
+              lambda_v: float = 0.1,  # perceptual weight (0: none)
+              lambda_s: float = 0.5,  # 1 - SSIM weight
+              lambda_g: float = 1.0,  # gradient L1 weight
+              lambda_adv: float = 0.05,  # PatchGAN weight at the finest scale (0: no GAN)
+              scale_weights: tuple[float, ...] | None = None,  # w_l per output scale, coarse to fine (default: all 1)
+              perceptual: typing.Literal['inception', 'random'] = 'random',  # perceptual features: early FID Inception layers (needs --fid-weights) or fixed random convs
+              disc_width: int = 64,  # channels of the discriminator's first layer
+              fid_weights: str | None = None,  # TorchScript FID Inception network (for FID, and the inception perceptual loss)
+              eval_samples: int = 0,  # FID/KID on this many unconditional samples at the end (0: none)
+              sr_images: int | None = None,  # super-resolution on the first N test images (default: all)
+              memory: bool = False,  # on a GPU, measure peak memory (batch 128, width 192) and its sweep over resolutions
+              steps: int = 1000, minutes: float | None = None, batch_size: int = 64, lr: float = 1e-3, warmup: int = 100,
+              ema: float = 0.999, ckpt: str = 'runs/wno', ckpt_every: int = 1000, out: str = 'figures/wno', device: str | None = None,
+              seed: int = 0, compile: bool = False, workers: int = 0,
+              fid_net: nn.Module | None = None,  # feature network in place of Inception for the FID (tests)
+             ) -> dict:
+    """Train the weight-tied Haar operator generator scale by scale; writes OUT/metrics.json with super-resolution PSNR/SSIM (4x4 and
+    8x8 -> full size chains), the PSNR of one x2 step from the true lower level at every scale (the protocol of the original claims)
+    and, with --eval-samples, unconditional FID/KID; checkpoints resume exactly."""
+    if perceptual not in ('inception', 'random'): raise ValueError(f"perceptual must be 'inception' or 'random', got {perceptual!r}")
+    if size is not None and (size < 8 or size % 4 or (size // 4) & (size // 4 - 1)): raise ValueError(f'size must be 4 * 2^k >= 8 (8, 16, 32, 64, ...), got {size}')
+    train, test, dcfg = wno_data(data, split, test_data, size, holdout, seed)
+    C, H, W = train.shape
+    levels = int(round(math.log2(H / 4)))
+    cfg = dict(dcfg, width=width, depth=depth, local=local, size0=4, size=H, sigmas=[sigma] * levels, channels=C)
+    torch.manual_seed(seed)          # the initial weights of the generator and the discriminator depend on the seed only
+    model = build_wno(cfg)           # validates the options before anything is written
+    crit, losses = wno_loss(levels, lambda_v, lambda_s, lambda_g, lambda_adv, scale_weights, perceptual, fid_weights)
+    cfg = save_config(ckpt, cfg)     # a resumed folder must hold this configuration (and these training and test images)
+    model.fit_prior(to_float(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:20_000]]))
+    gan = [PatchGANCB(PatchDiscriminator(C, disc_width), lambda_adv)] if lambda_adv else []
+    held = 'test_data' if test_data else f'{test.name}; the model trains on the other {len(train)}'
+    cbs = run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every, dataset=train, experiment='wno', config=cfg,
+                        metrics_fn=lambda L: wno_report(L, train, test, Path(out), seed, sr_images, eval_samples, fid_net, fid_weights, memory),
+                        losses=losses, max_minutes=minutes, sr_protocols=SR_PROTOCOLS, test_dataset=dict(test.describe(), split=held),
+                        original_claims=ORIGINAL_CLAIMS) + gan
+    learn = WNOLearner(model, train, crit, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
+                       num_workers=workers, collate=Collate(scale='unit', flip=True), cbs=cbs)
+    crit.to(learn.device)            # the perceptual network runs where the generator does (each process's own device)
+    return learn.fit(steps).results
+
+# %% ../nbs/10_wno.ipynb #c812f50b
+def sample_wno(ckpt: str = 'runs/wno', n: int = 64,  # unconditional samples to draw
+               out: str = 'samples/wno', seed: int = 0, device: str | None = None) -> dict:
+    "Unconditional samples of a `train_wno` run (EMA weights): OUT/samples.png (a grid of N) and OUT/scales.png (8 of them at every scale)."
+    if n < 1: raise ValueError(f'n must be >= 1, got {n}')
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, cfg = load_wno(ckpt, device)
     imgs = generate(model, n, generator=torch.Generator(device=device).manual_seed(seed)).float().cpu()
-    if out: save_grid(imgs, out, 8)
-    if scales: scales_figure(model, scales, min(n, 8), seed=seed)
-    return imgs
+    out = Path(out)
+    grid = save_grid(imgs, out / 'samples.png', 8)
+    scales = scales_figure(model, out / 'scales.png', min(n, 8), seed=seed, title='from the 4x4 prior canvas to full size')
+    return dict(samples=str(grid), scales=str(scales), images=n, size=cfg['size'], ckpt=str(ckpt), seed=seed)
 
 # %% ../nbs/10_wno.ipynb #ec7decdc
-def _train_cli(a):
-    from wavenb.cli import parse_source
-    src, split = parse_source(a.data)
-    tsrc, tsplit = parse_source(a.test_data) if a.test_data else (None, None)
-    m = train_wno(src, a.split or split, a.size, tsrc, tsplit, a.width, a.depth, a.local, a.sigma, a.steps, a.max_minutes, a.batch_size,
-                  a.lr, a.warmup, a.ema, a.lambda_v, a.lambda_s, a.lambda_g, a.lambda_adv, a.scale_weights, a.perceptual, a.disc_width,
-                  a.fid_weights, a.eval_samples, a.sr_images, a.memory, a.ckpt, a.ckpt_every, a.out, a.device, a.seed, a.compile)
-    print(json.dumps(m, indent=2))
-    return 0
-
-def _sample_cli(a):
-    sample_wno(a.ckpt, a.n, a.out, a.scales, a.seed, a.device)
-    print('wrote', a.out)
-    return 0
-
 def add_cli(cmds: dict):
-    "Add `wavenb train wno` and `wavenb sample wno` to the `wavenb` command's subparsers."
-    s = cmds['train'].add_parser('wno', help='scale-recursive wavelet neural operator generator (4x4 -> 64x64)',
-                                 description='Train the weight-tied Haar operator generator scale by scale; writes OUT/metrics.json with '
-                                 'super-resolution PSNR/SSIM (4x4 and 8x8 -> full size chains), the PSNR of one x2 step from the true lower level at every scale '
-                                 '(the protocol of the original claims) and, with --eval-samples, unconditional FID/KID.')
-    s.add_argument('--data', default='sample', help='data source[:split] (default: the embedded sample)')
-    s.add_argument('--split'); s.add_argument('--size', type=int, help='resize images to SIZE x SIZE, 4 * 2^k (default: as stored)')
-    s.add_argument('--test-data', help='source[:split] for the super-resolution test (default: a held-out 10%% of --data)')
-    s.add_argument('--width', type=int, default=64); s.add_argument('--depth', type=int, default=4)
-    s.add_argument('--local', type=int, default=3, help='kernel of the depthwise local path (0: the pure Haar layer)')
-    s.add_argument('--sigma', type=float, default=0.1, help='std of the per-level noise')
-    s.add_argument('--steps', type=int, default=1000); s.add_argument('--minutes', '--max-minutes', dest='max_minutes', type=float, help='training-time budget: the cosine LR runs over it and training stops there')
-    s.add_argument('--batch-size', type=int, default=64); s.add_argument('--lr', type=float, default=1e-3)
-    s.add_argument('--warmup', type=int, default=100); s.add_argument('--ema', type=float, default=0.999)
-    s.add_argument('--lambda-v', type=float, default=0.1, help='perceptual weight (0: none)')
-    s.add_argument('--lambda-s', type=float, default=0.5, help='1 - SSIM weight')
-    s.add_argument('--lambda-g', type=float, default=1.0, help='gradient L1 weight')
-    s.add_argument('--lambda-adv', type=float, default=0.05, help='PatchGAN weight at the finest scale (0: no GAN)')
-    s.add_argument('--scale-weights', type=float, nargs='+', help='w_l per output scale, coarse to fine (default: all 1)')
-    s.add_argument('--perceptual', choices=['inception', 'random'], default='random',
-                   help='feature network: early FID Inception layers (needs --fid-weights) or fixed random convs')
-    s.add_argument('--disc-width', type=int, default=64)
-    s.add_argument('--fid-weights', help='TorchScript FID Inception network (FID, and the inception perceptual loss)')
-    s.add_argument('--eval-samples', type=int, default=0, help='FID/KID on this many unconditional samples at the end (0: none)')
-    s.add_argument('--sr-images', type=int, help='super-resolution on the first N test images (default: all)')
-    s.add_argument('--memory', action='store_true', help='on a GPU, measure peak memory (batch 128, width 192) and its sweep over resolutions')
-    s.add_argument('--ckpt', default='runs/wno', help='checkpoint folder (re-running resumes from it)')
-    s.add_argument('--ckpt-every', type=int, default=1000)
-    s.add_argument('--out', default='figures/wno', help='results folder')
-    s.add_argument('--device'); s.add_argument('--seed', type=int, default=0); s.add_argument('--compile', action='store_true')
-    s.set_defaults(fn=_train_cli)
-    s = cmds['sample'].add_parser('wno', help='sample a trained WNO generator', description='Unconditional samples from a train_wno checkpoint folder (EMA weights).')
-    s.add_argument('--ckpt', required=True, help='checkpoint folder written by wavenb train wno')
-    s.add_argument('--n', type=int, default=64); s.add_argument('--out', default='samples.png')
-    s.add_argument('--scales', help='also write a per-scale figure (4x4 ... full size) here')
-    s.add_argument('--seed', type=int, default=0); s.add_argument('--device')
-    s.set_defaults(fn=_sample_cli)
+    "Add `wavenb train wno` and `wavenb sample wno` to the `wavenb` command's subparsers: their options are the functions' parameters."
+    add_command(cmds['train'], 'wno', train_wno, help='scale-recursive wavelet neural operator generator (4x4 -> 64x64)', skip=('fid_net',))
+    add_command(cmds['sample'], 'wno', sample_wno, help='sample a trained WNO generator')
