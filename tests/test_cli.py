@@ -106,7 +106,8 @@ def test_shared_options_have_one_meaning():
     assert trains >= 6
     assert {k: v for k, v in seen.items() if len(v) > 1} == {}
 
-@pytest.mark.parametrize('path', [p for p, _ in _all_commands()], ids=' '.join)
-def test_every_command_has_help(path):
-    r = run_cli(*path, '--help')
-    assert r.returncode == 0 and 'usage: wavenb' in r.stdout, r.stderr
+def test_every_command_has_help():
+    "Every sub-command formats its --help (in process; the per-model tests run `wavenb MODEL --help` as a user does)."
+    for path, p in _all_commands():
+        h = p.format_help()
+        assert h.startswith(f'usage: wavenb {" ".join(path)}') and len(h.splitlines()) > 3, path

@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #0cbb21c8
 from __future__ import annotations
-import argparse, importlib, importlib.util, json, sys, time, warnings
+import argparse, importlib, importlib.util, json, os, sys, time, warnings
 from pathlib import Path
 import torch
 from .data import load_images, pack_folder, pack_subset, PackedJPEG, TORCHVISION
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in [('train', 'train a model'), ('sample', 'sample from a trained model'), ('eval', 'evaluate a trained model')]:
         cmds[name] = sub.add_parser(name, help=what, description=f'{what[0].upper()}{what[1:]}; `wavenb {name} MODEL --help` for its options.'
                                     ).add_subparsers(dest='model', metavar='MODEL', required=True)
-    for m in PLUGINS:  # each model module adds its own subcommands
+    extra = [m for m in os.environ.get('WAVENB_PLUGINS', '').split(',') if m]      # a reader's own model modules
+    for m in PLUGINS + extra:  # each model module adds its own subcommands
         if importlib.util.find_spec(m) is not None and hasattr(mod := importlib.import_module(m), 'add_cli'): mod.add_cli(cmds)
     return p
 

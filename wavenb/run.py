@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, inspect, json, math, time, types, typing
 from pathlib import Path
 import torch
+from fastcore.docments import docments
 from torch import nn, Tensor
 from .data import ImageSet, load_images, to_uint8
 from .learner import (Learner, LRScheduleCB, GradClipCB, EMACB, ProgressCB, TimeLimitCB, CheckpointCB, ResultsCB,
@@ -131,7 +132,6 @@ def _add_option(p: argparse.ArgumentParser, name: str, prm: inspect.Parameter, t
 # %% ../nbs/05_run.ipynb #56505919
 def add_command(subparsers, name: str, fn, help: str | None = None, skip=()) -> argparse.ArgumentParser:
     "A sub-command `name` whose options are `fn`'s parameters (types, defaults, documented help); it calls `fn` with keywords."
-    from fastcore.docments import docments
     hints, docs = typing.get_type_hints(fn), docments(fn)
     doc = inspect.getdoc(fn) or ''
     p = subparsers.add_parser(name, help=help or doc.split('\n')[0], description=doc)
