@@ -306,10 +306,10 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
 
 def load_vqvae(ckpt, device='cpu') -> tuple[BandVQVAE, dict]:
     "Rebuild (model in eval mode, config) from a `train_vqvae` checkpoint folder (its newest checkpoint)."
-    from wavenb.learner import load_run
-    cfg = load_run(ckpt, 'train_vqvae')[0]
-    if 'K' not in cfg or 'weighting' not in cfg: raise ValueError(f'{ckpt}/config.json is not a VQ-VAE configuration')
-    return load_model(ckpt, build_vqvae, 'train_vqvae', device=device)      # its EMA weights, if it kept them
+    def build(cfg):
+        if 'K' not in cfg or 'weighting' not in cfg: raise ValueError(f'{ckpt}/config.json is not a VQ-VAE configuration')
+        return build_vqvae(cfg)
+    return load_model(ckpt, build, 'train_vqvae', device=device)      # its EMA weights, if it kept them
 
 
 # %% ../nbs/20_vqvae.ipynb #198ee5e4
