@@ -5,8 +5,8 @@ import pytest, torch
 import torch.nn.functional as F
 from torch import nn
 from conftest import ROOT
-from wavenb.data import load_images
-from wavenb.learner import (Learner, Callback, CheckpointCB, EMACB, LRScheduleCB, TrainingDiverged, CheckpointError,
+from wavenb.data import Collate, load_images
+from wavenb.learner import (Learner, Callback, CheckpointCB, EMACB, EvalCB, LRScheduleCB, TrainingDiverged, CheckpointError,
                             load_checkpoint, ResumableSampler)
 
 SCRIPT = ROOT / 'tests' / 'train_tiny.py'
@@ -181,3 +181,19 @@ def test_time_budget_cosine_starts_where_the_warmup_ends(monkeypatch):
     lr = L.history['lr']
     assert max(lr) == pytest.approx(1e-3) and lr[-1] < 0.01 * max(lr) and L.step < 10 ** 5
     assert max(abs(b - a) for a, b in zip(lr, lr[1:])) <= 1e-4 * 1.001    # no step larger than a warmup step
+
+def test_evaluation_during_fit_leaves_the_training_random_streams_alone(tmp_path):
+    "A run stopped at step 23 (ending with its final evaluation) and resumed matches a run that never stopped."
+    ds, valid = load_images(limit=256), load_images(limit=64)
+    def learner(ck):
+        return Learner(tiny(), ds, F.cross_entropy, batch_size=32, valid_ds=valid, collate=Collate(flip=True), seed=1,
+                       cbs=[CheckpointCB(ck, every=1000), EvalCB(every=1000)])
+    a = learner(tmp_path / 'a')
+    a.fit(40)
+    b = learner(tmp_path / 'b')
+    b.fit(23)
+    b = learner(tmp_path / 'b')
+    b.fit(40)
+    assert b.step == 40
+    for (k, pa), pb in zip(a.raw_model.state_dict().items(), b.raw_model.state_dict().values()):
+        assert torch.equal(pa, pb), k

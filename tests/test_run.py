@@ -1,6 +1,9 @@
 "A new model through the run layer and the command line: what a reader writes to add a sixth model."
-import json, os, sys
+import importlib, json, os, sys
+from types import SimpleNamespace
+import pytest, torch
 from conftest import run_cli
+from wavenb.learner import Learner
 
 TOY = '''
 import torch, torch.nn.functional as F
@@ -40,3 +43,20 @@ def test_a_new_model_trains_from_the_command_line(tmp_path):
     assert m['steps'] == 150 and m['config']['width'] == 32 and m['metrics']['test_acc'] > 0.15   # chance: 0.10
     r2 = run_cli('train', 'toy', '--width', 64, '--ckpt', tmp_path / 'ck', '--out', tmp_path / 'out', env=env)
     assert r2.returncode != 0 and 'another configuration' in r2.stderr                              # a resumed folder keeps its config
+
+
+TRAINERS = ['wavenb.vqvae:train_vqvae', 'wavenb.wno:train_wno', 'wavenb.wmsa:train_classifier',
+            'wavenb.codec:train_flow', 'wavenb.diffusion:train_diffusion']
+
+@pytest.mark.parametrize('trainer', TRAINERS)
+def test_seed_sets_the_initial_weights(tmp_path, monkeypatch, trainer):
+    "`--seed` means the same in every train command: the same seed gives the same initial weights, another seed others."
+    mod, name = trainer.split(':')
+    train = getattr(importlib.import_module(mod), name)
+    def first_weights(self, steps, cbs=()):   # stands in for the training: hands back the weights it would start from
+        return SimpleNamespace(results={k: v.clone() for k, v in self.raw_model.state_dict().items()})
+    monkeypatch.setattr(Learner, 'fit', first_weights)
+    w = [train(ckpt=str(tmp_path / f'ck{i}'), out=str(tmp_path / f'out{i}'), seed=s, steps=1) for i, s in enumerate((0, 0, 1))]
+    floats = [k for k, v in w[0].items() if v.is_floating_point()]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in floats)
+    assert any(not torch.equal(w[0][k], w[2][k]) for k in floats)
