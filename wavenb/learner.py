@@ -23,11 +23,11 @@ from .data import Collate, ImageSet
 from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'keep_rng', 'dist_env',
-           'init_distributed', 'leave_distributed', 'CancelFitException', 'TrainingDiverged', 'Callback', 'Learner',
-           'ProgressCB', 'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB', 'ema_decay', 'running_stats',
-           'ema_step_', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError', 'load_checkpoint', 'load_weights',
-           'CheckpointCB', 'load_run', 'save_config', 'ema_state', 'ResultsCB']
+__all__ = ['ADDED_CBS', 'CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'keep_rng',
+           'dist_env', 'init_distributed', 'leave_distributed', 'CancelFitException', 'TrainingDiverged', 'Callback',
+           'Learner', 'added_callbacks', 'ProgressCB', 'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB',
+           'ema_decay', 'running_stats', 'ema_step_', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError',
+           'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'save_config', 'ema_state', 'ResultsCB']
 
 # %% ../nbs/02_learner.ipynb #2426ad87
 class ResumableSampler(Sampler[int]):
@@ -151,11 +151,21 @@ class Learner:
         self.opt = opt_func(self.raw_model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.precision == 'fp16' and self.device.type == 'cuda')
         self.sampler = ResumableSampler(len(train_ds), batch_size, seed, True, self.rank, self.world)
-        self.cbs = list(cbs)
+        self.cbs = list(cbs) + ADDED_CBS               # ADDED_CBS: see `added_callbacks` below
         for cb in self.cbs: cb.learn = self
         self.step, self.epoch, self.batch_idx = 0, 0, 0
         self.history = dict(step=[], loss=[])
         self.train_time, self.images_seen, self.ema = 0.0, 0, None
+
+# %% ../nbs/02_learner.ipynb #544413e6
+ADDED_CBS: list = []   # callbacks every new Learner also gets (set by `added_callbacks`)
+
+@contextmanager
+def added_callbacks(*cbs):
+    "Every `Learner` made inside the block also gets the callbacks `cbs`."
+    ADDED_CBS.extend(cbs)
+    try: yield
+    finally: del ADDED_CBS[len(ADDED_CBS) - len(cbs):]
 
 # %% ../nbs/02_learner.ipynb #b240b936
 @patch(as_prop=True)
