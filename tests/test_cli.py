@@ -99,6 +99,8 @@ def test_shared_options_have_one_meaning():
             trains += 1
             missing = [k for k in TRAIN_SHARED if k not in acts]
             assert not missing, f'wavenb {" ".join(path)} lacks {missing}'
+            # every model but the integer flow (exact arithmetic in float32) trains in a chosen precision
+            assert ('precision' in acts) == (path[1] != 'flow'), path
         for k, a in acts.items():
             if k not in SHARED: continue
             if path[0] == 'train': assert (a.help or '').startswith(SHARED[k]), (path, k, a.help)   # one help text ...

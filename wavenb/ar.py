@@ -318,7 +318,8 @@ def train_ar(
     fid_weights: str | nn.Module | None = None,
     steps: int = 2000, minutes: float | None = None, batch_size: int = 128, lr: float = 5e-4, warmup: int = 200,
     ema: float = 0.999, ckpt: str = 'runs/ar', ckpt_every: int = 1000, out: str = 'figures/ar',
-    device: str | None = None, seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
+    device: str | None = None, seed: int = 0,
+    precision: str | None = None, compile: bool = False, workers: int = 0) -> dict:
     """Train a causal Transformer prior on the codes of a `train_vqvae` folder's training images (checkpoints resume
     exactly); writes OUT/metrics.json (NLL, KV-cache throughput, FID/KID), OUT/samples.png and OUT/loss.png."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -339,7 +340,8 @@ def train_ar(
     cbs = run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every, dataset=train, metrics_fn=report,
                         experiment='ar', config=cfg, sequences=len(seqs), figures=['samples.png', 'loss.png'])
     return Learner(prior, CodeSet(seqs), prior_loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                   compile=compile, num_workers=workers, collate=collate_codes, cbs=cbs).fit(steps).results
+                   precision=precision, compile=compile, num_workers=workers, collate=collate_codes,
+                   cbs=cbs).fit(steps).results
 
 # %% ../nbs/21_wavelet_ar.ipynb #55fe0fed
 def load_ar(ckpt, device='cpu') -> tuple[CodePrior, dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib, statistics, tempfile, time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
@@ -192,7 +191,8 @@ def plot_modes(rows: list[dict], path=None):
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(fams)), 3.6))
     w = 0.8 / len(modes)
     for i, m in enumerate(modes):
-        v = [next((r.get('median_images_per_s', 0) for r in rows if r['family'] == f and r['mode'] == m), 0) for f in fams]
+        v = [next((r.get('median_images_per_s', 0) for r in rows if r['family'] == f and r['mode'] == m), 0)
+             for f in fams]
         ax.bar([j + (i - (len(modes) - 1) / 2) * w for j in range(len(fams))], v, w, label=m)
     ax.set_xticks(range(len(fams)), fams, rotation=20, ha='right', fontsize=8)
     ax.set_yscale('log')

@@ -238,7 +238,8 @@ def _add_bench(sub):
     return bench
 
 # %% ../nbs/99_cli.ipynb #c9767193
-PLUGINS = ['wavenb.wno', 'wavenb.vqvae', 'wavenb.ar', 'wavenb.wmsa', 'wavenb.flow', 'wavenb.codec', 'wavenb.diffusion', 'wavenb.bench']
+PLUGINS = ['wavenb.wno', 'wavenb.vqvae', 'wavenb.ar', 'wavenb.wmsa', 'wavenb.flow', 'wavenb.codec', 'wavenb.diffusion',
+           'wavenb.bench']
 
 def _add_model_groups(sub) -> dict:
     "The `train`, `sample` and `eval` groups, each waiting for its `MODEL` sub-commands."

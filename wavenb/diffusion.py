@@ -424,7 +424,7 @@ def train_diffusion(
     fid_curve_samples: int = 2000,  # samples per point of the FID curve
     fid_weights: str | None = None,  # TorchScript FID Inception network (see wavenb fid --help)
     fid_net: nn.Module | None = None,  # the FID feature network (default: the Inception network of fid_weights)
-    device: str | None = None, seed: int = 0, compile: bool = False, workers: int = 0,
+    device: str | None = None, seed: int = 0, precision: str | None = None, compile: bool = False, workers: int = 0,
 ) -> dict:
     """Train a pixel- or wavelet-space diffusion model (checkpoints resume exactly), writing OUT/metrics.json,
     OUT/samples.png, OUT/loss.png. FID/KID are measured against `test_data` if given, else against the training
@@ -443,7 +443,8 @@ def train_diffusion(
                                                         config=cfg, time_budget_min=minutes)]
     grid = lambda m: draw(m, 64, generator=torch.Generator(device=next(m.parameters()).device).manual_seed(seed))
     if sample_every: cbs.append(SampleCB(grid, Path(out) / 'progress', every=sample_every, scale='symmetric'))
-    L = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
+    L = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                precision=precision, compile=compile,
                 num_workers=workers, collate=Collate(scale='symmetric', flip=True), cbs=cbs)
     fk = fid_metric(ref, fid_net, device=L.device) if fid_every else None   # on the Learner's device
     curve = [FIDCurveCB(draw, fk, fid_curve_samples, fid_every, reference=ref)] if fid_every else []

@@ -25,7 +25,7 @@ from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 # %% auto #0
 __all__ = ['ADDED_CBS', 'CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'keep_rng',
            'dist_env', 'init_distributed', 'leave_distributed', 'CancelFitException', 'TrainingDiverged', 'Callback',
-           'Learner', 'added_callbacks', 'ProgressCB', 'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB',
+           'added_callbacks', 'Learner', 'ProgressCB', 'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB',
            'ema_decay', 'running_stats', 'ema_step_', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError',
            'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'save_config', 'ema_state', 'ResultsCB']
 
@@ -123,6 +123,16 @@ def _to(b, device):
     if isinstance(b, dict): return {k: _to(v, device) for k, v in b.items()}
     return b
 
+# %% ../nbs/02_learner.ipynb #544413e6
+ADDED_CBS: list = []   # callbacks every new Learner also gets (set by `added_callbacks`)
+
+@contextmanager
+def added_callbacks(*cbs):
+    "Every `Learner` made inside the block also gets the callbacks `cbs`."
+    ADDED_CBS.extend(cbs)
+    try: yield
+    finally: del ADDED_CBS[len(ADDED_CBS) - len(cbs):]
+
 # %% ../nbs/02_learner.ipynb #49142407
 class Learner:
     "Train `model` on `train_ds` with `loss_func(preds, *targets)`, step by step, extended by callbacks."
@@ -151,21 +161,11 @@ class Learner:
         self.opt = opt_func(self.raw_model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.precision == 'fp16' and self.device.type == 'cuda')
         self.sampler = ResumableSampler(len(train_ds), batch_size, seed, True, self.rank, self.world)
-        self.cbs = list(cbs) + ADDED_CBS               # ADDED_CBS: see `added_callbacks` below
+        self.cbs = list(cbs) + ADDED_CBS               # and those of `added_callbacks`, if any
         for cb in self.cbs: cb.learn = self
         self.step, self.epoch, self.batch_idx = 0, 0, 0
         self.history = dict(step=[], loss=[])
         self.train_time, self.images_seen, self.ema = 0.0, 0, None
-
-# %% ../nbs/02_learner.ipynb #544413e6
-ADDED_CBS: list = []   # callbacks every new Learner also gets (set by `added_callbacks`)
-
-@contextmanager
-def added_callbacks(*cbs):
-    "Every `Learner` made inside the block also gets the callbacks `cbs`."
-    ADDED_CBS.extend(cbs)
-    try: yield
-    finally: del ADDED_CBS[len(ADDED_CBS) - len(cbs):]
 
 # %% ../nbs/02_learner.ipynb #b240b936
 @patch(as_prop=True)

@@ -106,7 +106,8 @@ SHARED = dict(
     ckpt='checkpoint folder (running the same command again resumes from it)', ckpt_every='steps between checkpoints',
     out='results folder (metrics.json and figures)', device='cpu, cuda or cuda:N (default: cuda if available)',
     seed='random seed (data order, initial weights, held-out split)', compile='compile the model with torch.compile',
-    workers='data loader worker processes')
+    workers='data loader worker processes',
+    precision='fp32, or bf16 / fp16 autocast of the forward pass (default: bf16 on a GPU, fp32 on a CPU)')
 
 # %% ../nbs/05_run.ipynb #7fc27a9d
 def _base(t):

@@ -359,7 +359,8 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
                 weighting: Literal[WEIGHTINGS] = 'pixel',  # pixel MSE through the IDWT, or variance-normalised per band
                 steps: int = 2000, minutes: float | None = None, batch_size: int = 128, lr: float = 4e-4,
                 warmup: int = 100, ema: float = 0.0, ckpt: str = 'runs/vqvae', ckpt_every: int = 1000,
-                out: str = 'figures/vqvae', device: str | None = None, seed: int = 0, compile: bool = False,
+                out: str = 'figures/vqvae', device: str | None = None, seed: int = 0,
+                precision: str | None = None, compile: bool = False,
                 workers: int = 0) -> dict:
     """Train a VQ-VAE per wavelet subband (`levels` >= 1) or on pixels (`levels=0`); checkpoints resume exactly; writes
     OUT/metrics.json, OUT/reconstructions.png, OUT/codebook_usage.png and OUT/loss.png."""
@@ -377,7 +378,8 @@ def train_vqvae(data: str = 'sample', split: str | None = None, test_data: str |
                                           experiment='vqvae', metrics_fn=report, config=cfg,
                                           weights='EMA' if ema else 'raw',
                                           figures=['reconstructions.png', 'codebook_usage.png', 'loss.png'])]
-    return Learner(model, train, model.loss, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
+    return Learner(model, train, model.loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                   precision=precision, compile=compile,
                    num_workers=workers, collate=Collate(scale='symmetric', flip=True), cbs=cbs).fit(steps).results
 
 # %% ../nbs/20_vqvae.ipynb #4ce94dc4

@@ -531,8 +531,9 @@ def classifier_learner(model: nn.Module, train, valid, args: dict, cbs: list) ->
     if args['kind'] == 'wmsa': model.tok.fit_scales(to_float(train.images[:5000], 'symmetric'))   # reloaded on resume
     return Learner(model, train, _ce(args['label_smoothing']), batch_size=args['batch_size'], valid_ds=valid,
                    collate=AugCollate(args['policy']), valid_collate=Collate('symmetric'), lr=args['lr'],
-                   opt_func=adamw_groups(model), seed=args['seed'], device=args['device'], compile=args['compile'],
-                   num_workers=args['workers'], weight_decay=args['weight_decay'], cbs=cbs)
+                   opt_func=adamw_groups(model), seed=args['seed'], device=args['device'],
+                   precision=args['precision'], compile=args['compile'], num_workers=args['workers'],
+                   weight_decay=args['weight_decay'], cbs=cbs)
 
 # %% ../nbs/30_wmsa.ipynb #98d5f31a
 def train_classifier(
@@ -562,7 +563,7 @@ def train_classifier(
     valid_size: int | None = None,
     eval_every: int = 500,  # steps between validations
     ckpt: str = 'runs/wmsa', ckpt_every: int = 1000, out: str = 'figures/wmsa', device: str | None = None,
-    seed: int = 0, compile: bool = False, workers: int = 0,
+    seed: int = 0, precision: str | None = None, compile: bool = False, workers: int = 0,
     # then train the ViT of the same size, recipe and budget in CKPT/vit, OUT/vit; write OUT/compare.md
     compare_vit: bool = False,
 ) -> dict:

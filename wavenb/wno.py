@@ -678,8 +678,8 @@ def train_wno(data: str = 'sample', split: str | None = None, test_data: str | N
               memory: bool = False,
               steps: int = 1000, minutes: float | None = None, batch_size: int = 64, lr: float = 1e-3,
               warmup: int = 100, ema: float = 0.999, ckpt: str = 'runs/wno', ckpt_every: int = 1000,
-              out: str = 'figures/wno', device: str | None = None, seed: int = 0, compile: bool = False,
-              workers: int = 0,
+              out: str = 'figures/wno', device: str | None = None, seed: int = 0,
+              precision: str | None = None, compile: bool = False, workers: int = 0,
               fid_net: nn.Module | None = None,  # feature network in place of Inception for the FID (tests)
              ) -> dict:
     """Train the weight-tied Haar operator generator scale by scale. Writes OUT/metrics.json with super-resolution
@@ -690,8 +690,9 @@ def train_wno(data: str = 'sample', split: str | None = None, test_data: str | N
                                               lambda_adv, scale_weights, perceptual, fid_weights)
     report = lambda L: wno_report(L, train, test, out, seed, sr_images, eval_samples, fid_net, fid_weights, memory)
     cbs = wno_callbacks(ckpt, out, train, test, cfg, losses, report, not test_data, warmup, minutes, ema, ckpt_every)
-    learn = WNOLearner(model, train, crit, batch_size=batch_size, lr=lr, seed=seed, device=device, compile=compile,
-                       num_workers=workers, collate=Collate(scale='unit', flip=True), cbs=cbs + gan)
+    learn = WNOLearner(model, train, crit, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                       precision=precision, compile=compile, num_workers=workers,
+                       collate=Collate(scale='unit', flip=True), cbs=cbs + gan)
     crit.to(learn.device)            # the perceptual network runs where the generator does (each process's own device)
     return learn.fit(steps).results
 
