@@ -532,7 +532,7 @@ def classifier_learner(model: nn.Module, train, valid, args: dict, cbs: list) ->
     return Learner(model, train, _ce(args['label_smoothing']), batch_size=args['batch_size'], valid_ds=valid,
                    collate=AugCollate(args['policy']), valid_collate=Collate('symmetric'), lr=args['lr'],
                    opt_func=adamw_groups(model), seed=args['seed'], device=args['device'],
-                   precision=args['precision'], compile=args['compile'], num_workers=args['workers'],
+                   precision=args.get('precision'), compile=args['compile'], num_workers=args['workers'],
                    weight_decay=args['weight_decay'], cbs=cbs)
 
 # %% ../nbs/30_wmsa.ipynb #98d5f31a
