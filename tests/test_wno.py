@@ -297,3 +297,9 @@ def test_train_and_sample_through_the_console_script_without_ema(tmp_path):
     assert all(torch.equal(v, ck['model'][k]) for k, v in model.state_dict().items())
     s = sample_wno(tmp_path / 'ck', n=4, out=tmp_path / 's', device='cpu')
     assert (tmp_path / 's' / 'samples.png').is_file() and s['images'] == 4 and s['size'] == 16
+
+
+def test_perceptual_loss_takes_grey_images():
+    "Fashion-MNIST and other one-channel data: the perceptual network sees the grey value in its three colour inputs."
+    p, a, b = Perceptual(), torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    assert torch.allclose(p(a, b), p(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)))

@@ -26,7 +26,9 @@ __all__ = ['MODES', 'FAMILIES', 'PEERS', 'Measured', 'ThroughputCB', 'measure_tr
 # %% ../nbs/60_cpu_speed.ipynb #44dff854
 class Measured(Exception):
     "Raised by `ThroughputCB` to end a run once it is timed: `.result` holds the measurement."
-    def __init__(self, result: dict): super().__init__('measured'); self.result = result
+    def __init__(self, result: dict):
+        super().__init__('measured')
+        self.result = result
 
 def _channels_last(b):
     "4-D float tensors of a batch (nested in tuples/lists) in channels-last memory order."

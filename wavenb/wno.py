@@ -207,6 +207,7 @@ class Perceptual(nn.Module):
     def train(self, mode: bool = True): return super().train(False)   # always frozen (batch norm statistics too)
 
     def features(self, x: Tensor) -> list[Tensor]:
+        if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)     # grey images: the same value in the three colour inputs
         if x.shape[-1] < self.min_size:
             x = F.interpolate(x, size=(self.min_size, self.min_size), mode='bilinear', align_corners=False)
         # phi_k(x): the output of every block, on x mapped to [-1, 1]
