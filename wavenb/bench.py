@@ -4,7 +4,7 @@
 
 # %% ../nbs/60_cpu_speed.ipynb #ea92b982
 from __future__ import annotations
-import importlib, statistics, tempfile, time
+import importlib, os, statistics, tempfile, time
 from contextlib import nullcontext
 from pathlib import Path
 import matplotlib.pyplot as plt
@@ -14,8 +14,8 @@ from fastcore.basics import patch
 from torch import nn
 from .diffusion import diffusers_unet, format_rows
 from .learner import Callback, added_callbacks
-from .metrics import write_metrics
-from .run import add_command
+from .metrics import dataset_info, write_metrics
+from .run import add_command, load_source
 from .unet import UNet
 from .wmsa import ViT, n_params
 
@@ -218,29 +218,46 @@ def bench_cpu(
     threads: int | None = None,  # torch threads (default: torch's, one per core)
     out: str | None = 'figures/cpu_bench',
 ) -> dict:
-    "Training throughput of every model family in every mode, and against peer libraries, on this CPU."
+    """Training throughput of every model family in every mode, and against peer libraries, on this CPU. Each row
+    records the 1-minute load average when it ends: about the thread count when the benchmark runs alone."""
     if threads: torch.set_num_threads(threads)
-    rows = []
+    rows, load0 = [], os.getloadavg()
+    if load0[0] > 0.5: print(f'warning: load average {load0[0]:.2f} before the start: the CPU is not idle')
     for fam in families or FAMILIES:
         fn, opts = family_options(fam, fmnist, cifar10)
         for mode in modes:
             try: r = measure_training(fn, dict(opts, device='cpu'), mode, warm, timed)
             except Exception as e: r = dict(error=f'{type(e).__name__}: {e}'[:300])   # a mode that fails says why
-            rows.append(dict(family=fam, mode=mode, **r))
+            rows.append(dict(family=fam, mode=mode, **r, load_1min=round(os.getloadavg()[0], 2)))
             print(format_rows([rows[-1]]).splitlines()[-1], flush=True)
     peer_rows = bench_peers(('fp32', 'bf16'), 128, warm, timed) if peers else []
     res = dict(rows=rows, best=_best(rows), peers=peer_rows, threads=torch.get_num_threads())
-    if out: _write_cpu_bench(res, Path(out))
+    if out: _write_cpu_bench(res, Path(out), load0, _sources(families or FAMILIES, fmnist, cifar10))
     return res
 
 # %% ../nbs/60_cpu_speed.ipynb #5285c5ae
-def _write_cpu_bench(res: dict, out: Path):
-    "OUT/bench.md (tables), OUT/modes.png, OUT/metrics.json."
+def _sources(families, fmnist: str, cifar10: str) -> dict:
+    "The data sets the families train on, with their checksums."
+    specs = {FAMILIES[f][1]['data'].format(fmnist=fmnist, cifar10=cifar10) for f in families}
+    return {s: dataset_info(load_source(s)) for s in sorted(specs)}
+
+def _versions() -> dict:
+    "Versions of the peer libraries (None: not installed)."
+    out = {}
+    for m in ('diffusers', 'timm'):
+        try: out[m] = importlib.import_module(m).__version__
+        except ImportError: out[m] = None
+    return out
+
+def _write_cpu_bench(res: dict, out: Path, load0=None, data=None):
+    "OUT/bench.md (tables), OUT/modes.png, OUT/metrics.json (with the load average before the start, the data)."
     out.mkdir(parents=True, exist_ok=True)
     best = [dict(family=k, **v) for k, v in res['best'].items()]
     (out / 'bench.md').write_text('\n\n'.join(format_rows(t) for t in (res['rows'], best, res['peers']) if t) + '\n')
     plot_modes([r for r in res['rows'] if 'error' not in r], out / 'modes.png')
-    write_metrics(out, res, device='cpu', figures=['modes.png', 'bench.md'], families=FAMILIES, modes=MODES)
+    write_metrics(out, res, device='cpu', figures=['modes.png', 'bench.md'], families=FAMILIES, modes=MODES,
+                  cpu_count=os.cpu_count(), load_average_before_1_5_15_min=[round(v, 2) for v in load0 or ()],
+                  data=data, versions=_versions())
 
 # %% ../nbs/60_cpu_speed.ipynb #00963b01
 def add_cli(cmds: dict):
