@@ -10,9 +10,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as tb
 from fastcore.basics import patch
 from torch import nn
 from .diffusion import diffusers_unet, format_rows
+from .haar import wavedec2, waverec2
 from .learner import Callback, added_callbacks
 from .metrics import dataset_info, write_metrics
 from .run import add_command, load_source
@@ -20,8 +22,8 @@ from .unet import UNet
 from .wmsa import ViT, n_params
 
 # %% auto #0
-__all__ = ['MODES', 'FAMILIES', 'PEERS', 'Measured', 'ThroughputCB', 'measure_training', 'family_options', 'timm_vit',
-           'bench_step', 'bench_peers', 'plot_modes', 'bench_cpu', 'add_cli']
+__all__ = ['MODES', 'FAMILIES', 'PEERS', 'TRANSFORM_SHAPES', 'Measured', 'ThroughputCB', 'measure_training', 'family_options',
+           'timm_vit', 'bench_step', 'bench_peers', 'bench_transforms', 'plot_modes', 'bench_cpu', 'add_cli']
 
 # %% ../nbs/60_cpu_speed.ipynb #44dff854
 class Measured(Exception):
@@ -173,6 +175,80 @@ def bench_peers(modes=('fp32', 'bf16'), batch: int = 128, warm: int = 3, timed: 
                              ratio=round(ra['median_images_per_s'] / rb['median_images_per_s'], 2)))
     return rows
 
+# %% ../nbs/60_cpu_speed.ipynb #2bf7a422
+def _versions() -> dict:
+    "Versions of the peer libraries (None: not installed)."
+    out = {}
+    for m in ('diffusers', 'timm', 'ptwt', 'pytorch_wavelets'):
+        try: out[m] = getattr(importlib.import_module(m), '__version__', 'installed')
+        except ImportError: out[m] = None
+    return out
+
+def _transform_impls(x: torch.Tensor, wavelet: str, levels: int) -> dict:
+    "Name -> round-trip callable for wavenb and each peer library that reproduces wavenb's coefficients (else why)."
+    ref = wavedec2(x, wavelet, levels)
+    out = {'wavenb': lambda: waverec2(wavedec2(x, wavelet, levels), wavelet)}
+    try:
+        from pytorch_wavelets import DWTForward, DWTInverse  # optional dependency
+        fwd = DWTForward(J=levels, wave=wavelet, mode='periodization')
+        inv = DWTInverse(wave=wavelet, mode='periodization')
+        lo, hi = fwd(x)
+        torch.testing.assert_close(lo, ref[0], rtol=1e-4, atol=1e-4)
+        out['pytorch_wavelets'] = lambda: inv(fwd(x))
+    except Exception as e: out['pytorch_wavelets'] = f'{type(e).__name__}: {e}'[:200]
+    try:
+        import ptwt  # optional dependency
+        trip = lambda: ptwt.waverec2(ptwt.wavedec2(x, wavelet, level=levels, mode='periodic'), wavelet)
+        c = ptwt.wavedec2(x, wavelet, level=levels, mode='periodic')
+        if c[0].shape == ref[0].shape:
+            torch.testing.assert_close(c[0], ref[0], rtol=1e-4, atol=1e-4)
+            out['ptwt'] = trip
+        else:   # ptwt's 'periodic' is PyWavelets' 'periodic' (N/2 + L/2 - 1 coefficients), not 'periodization'
+            out['ptwt'] = f"ptwt has no periodization for {wavelet}: its 'periodic' gives {c[0].shape[-1]} coefficients"
+            out['ptwt_other_boundary'] = trip
+    except Exception as e: out['ptwt'] = f'{type(e).__name__}: {e}'[:200]
+    return out
+
+# %% ../nbs/60_cpu_speed.ipynb #d54923de
+TRANSFORM_SHAPES = ((64, 3, 32, 32), (8, 3, 128, 128), (1, 3, 1024, 1024), (1, 3, 2048, 2048))
+
+def bench_transforms(
+    wavelets: tuple[str, ...] = ('haar', 'db4'),  # orthogonal wavelets to time
+    shapes: tuple[str, ...] | None = None,  # input shapes BxCxHxW (default: TRANSFORM_SHAPES)
+    levels: int = 3,  # decomposition levels of the round trip
+    threads: int = 1,  # torch threads while timing
+    min_run_time: float = 1.0,  # seconds of timing per measurement (at least)
+    out: str | None = 'figures/transforms_bench',
+) -> list[dict]:
+    "Median round-trip time of wavenb and the peers per (wavelet, shape), and wavenb's speed-up over each."
+    shapes = [tuple(map(int, s.split('x'))) for s in shapes] if shapes else TRANSFORM_SHAPES
+    load0 = os.getloadavg()
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for w in wavelets:
+            for shape in shapes:
+                x = torch.randn(*shape)
+                r = dict(wavelet=w, shape='x'.join(map(str, shape)), levels=levels, threads=threads)
+                for name, fn in _transform_impls(x, w, levels).items():
+                    if isinstance(fn, str):
+                        r[f'{name}_error'] = fn
+                        continue
+                    fn()
+                    r[f'{name}_ms'] = round(tb.Timer('fn()', globals={'fn': fn}).blocked_autorange(
+                        min_run_time=min_run_time).median * 1e3, 3)
+                for peer in ('ptwt', 'pytorch_wavelets', 'ptwt_other_boundary'):
+                    if f'{peer}_ms' in r: r[f'speedup_over_{peer}'] = round(r[f'{peer}_ms'] / r['wavenb_ms'], 2)
+                rows.append(r)
+    finally: torch.set_num_threads(was)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / 'bench.md').write_text(format_rows(rows) + '\n')
+        write_metrics(out, dict(rows=rows), device='cpu', figures=['bench.md'], cpu_count=os.cpu_count(),
+                      load_average_before_1_5_15_min=[round(v, 2) for v in load0], versions=_versions())
+    return rows
+
 # %% ../nbs/60_cpu_speed.ipynb #512cb0c9
 def _best(rows: list[dict]) -> dict:
     "Per family: eager fp32 images/s, the best mode and its speed-up (median images/s)."
@@ -241,14 +317,6 @@ def _sources(families, fmnist: str, cifar10: str) -> dict:
     specs = {FAMILIES[f][1]['data'].format(fmnist=fmnist, cifar10=cifar10) for f in families}
     return {s: dataset_info(load_source(s)) for s in sorted(specs)}
 
-def _versions() -> dict:
-    "Versions of the peer libraries (None: not installed)."
-    out = {}
-    for m in ('diffusers', 'timm'):
-        try: out[m] = importlib.import_module(m).__version__
-        except ImportError: out[m] = None
-    return out
-
 def _write_cpu_bench(res: dict, out: Path, load0=None, data=None):
     "OUT/bench.md (tables), OUT/modes.png, OUT/metrics.json (with the load average before the start, the data)."
     out.mkdir(parents=True, exist_ok=True)
@@ -262,3 +330,5 @@ def _write_cpu_bench(res: dict, out: Path, load0=None, data=None):
 # %% ../nbs/60_cpu_speed.ipynb #00963b01
 def add_cli(cmds: dict):
     add_command(cmds['bench'], 'cpu', bench_cpu, help='training speed of every model family on this CPU, by mode')
+    add_command(cmds['bench'], 'transforms', bench_transforms,
+                help='wavelet transform round trips: wavenb vs ptwt and pytorch_wavelets')

@@ -10,9 +10,9 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['BANDS', 'haar1d', 'ihaar1d', 'wavelet_name', 'filter_bank', 'analysis_matrix', 'max_level', 'dwt2_stacked',
-           'idwt2_stacked', 'dwt2', 'idwt2', 'wavedec2', 'waverec2', 'coeffs_to_image', 'band_energy', 'DWT2', 'IDWT2',
-           'WaveDec2', 'WaveRec2']
+__all__ = ['BANDS', 'BLOCK', 'BLOCKED_MIN', 'haar1d', 'ihaar1d', 'wavelet_name', 'filter_bank', 'analysis_matrix', 'max_level',
+           'dwt2_stacked', 'idwt2_stacked', 'dwt2', 'idwt2', 'wavedec2', 'waverec2', 'coeffs_to_image', 'band_energy',
+           'DWT2', 'IDWT2', 'WaveDec2', 'WaveRec2']
 
 # %% ../nbs/00_haar.ipynb #083b80b6
 def haar1d(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,7 +74,7 @@ def filter_bank(wavelet: str = 'haar') -> tuple[tuple[float, ...], tuple[float, 
     return _filter_bank(wavelet_name(wavelet))
 
 # %% ../nbs/00_haar.ipynb #dd8f6fce
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)   # small sizes only: large images go by blocks (below)
 def _analysis64(n: int, wavelet: str) -> Tensor:
     "The analysis matrix $W_N$ in float64."
     lo, hi = filter_bank(wavelet)
@@ -149,6 +149,57 @@ def _fast(x: Tensor) -> bool:
         _fast_haar = _fh
     return _fast_haar.use_fast_haar(x)
 
+# %% ../nbs/00_haar.ipynb #db15e216
+BLOCK = 32   # coefficients per block of the blocked transform
+
+@functools.lru_cache(maxsize=64)
+def _block64(B: int, wavelet: str) -> Tensor:
+    "The `(B, B + L - 2)` matrix $M$ every block of the blocked transform shares, in float64."
+    lo, hi = filter_bank(wavelet)
+    L, r = len(lo), torch.arange(B // 2)
+    M = torch.zeros(B, B + L - 2, dtype=torch.float64)
+    for j in range(L):
+        M[r, 2 * r + L - 1 - j] += lo[j]           # $M_{r,\,2r+L-1-j} = \ell_j$
+        M[B // 2 + r, 2 * r + L - 1 - j] += hi[j]  # $M_{B/2+r,\,2r+L-1-j} = h_j$
+    return M
+
+def _blocked_fwd(x: Tensor, wavelet: str, B: int = BLOCK) -> Tensor:
+    "`x @ W_N.T` along the last axis, block by block: low-pass half, then high-pass half."
+    M = _block64(B, wavelet).to(x.device, x.dtype)
+    P, N = (M.shape[1] - B) // 2, x.shape[-1]
+    xp = torch.cat([x[..., N - P:], x, x[..., :P]], -1)      # P samples of periodic extension on each side
+    out = xp.unfold(-1, B + 2 * P, B) @ M.mT                 # (..., N/B, B): the blocks
+    return torch.cat([out[..., :B // 2].flatten(-2), out[..., B // 2:].flatten(-2)], -1)
+
+# %% ../nbs/00_haar.ipynb #f75258a9
+def _blocked_inv(y: Tensor, wavelet: str, B: int = BLOCK) -> Tensor:
+    "`y @ W_N` along the last axis (the inverse of `_blocked_fwd`): windows times $M$, overlaps added."
+    M = _block64(B, wavelet).to(y.device, y.dtype)
+    P, N = (M.shape[1] - B) // 2, y.shape[-1]
+    lo, hi = y[..., :N // 2].unflatten(-1, (N // B, B // 2)), y[..., N // 2:].unflatten(-1, (N // B, B // 2))
+    z = torch.cat([lo, hi], -1) @ M                         # (..., N/B, B + 2P): each block's window
+    x = z[..., P:P + B].clone()
+    if P:
+        x[..., B - P:] += z[..., :P].roll(-1, -2)           # block b+1 starts P samples early, inside block b
+        x[..., :P] += z[..., P + B:].roll(1, -2)            # block b-1 ends P samples late, inside block b
+    return x.flatten(-2)
+
+# %% ../nbs/00_haar.ipynb #7549e969
+BLOCKED_MIN = 512   # axes at least this long (and multiples of BLOCK) use the blocked transform
+
+def _blocked(n: int, wavelet: str) -> bool:
+    return n >= BLOCKED_MIN and n % BLOCK == 0 and len(filter_bank(wavelet)[0]) - 2 <= 2 * BLOCK
+
+def _rows(x: Tensor, wavelet: str) -> Tensor:
+    "One DWT level along the last axis, $x W_N^\top$ (low-pass half, then high-pass half)."
+    n = x.shape[-1]
+    return _blocked_fwd(x, wavelet) if _blocked(n, wavelet) else x @ analysis_matrix(n, wavelet, x.dtype, x.device).mT
+
+def _rows_inv(y: Tensor, wavelet: str) -> Tensor:
+    "The inverse of `_rows`, $y W_N$."
+    n = y.shape[-1]
+    return _blocked_inv(y, wavelet) if _blocked(n, wavelet) else y @ analysis_matrix(n, wavelet, y.dtype, y.device)
+
 # %% ../nbs/00_haar.ipynb #1245c321
 def dwt2_stacked(x: Tensor, wavelet: str = 'haar') -> Tensor:
     "One-level 2D DWT, `(..., H, W) -> (..., 4, H/2, W/2)` with bands LL, LH, HL, HH (periodic boundary)."
@@ -158,8 +209,9 @@ def dwt2_stacked(x: Tensor, wavelet: str = 'haar') -> Tensor:
         if _fast(x): return _fast_haar.haar_fwd(x.contiguous())  # fused GPU kernel (04_fast_haar), same numbers
         return _haar_fwd(x)
     H, W = x.shape[-2:]
-    # $Y = W_H\, X\, W_W^\top$
-    y = analysis_matrix(H, wavelet, x.dtype, x.device) @ x @ analysis_matrix(W, wavelet, x.dtype, x.device).mT
+    # $Y = W_H\, X\, W_W^\top$ (for large images: $W_W$ on the rows, then $W_H$ on the columns, by blocks)
+    if max(H, W) >= BLOCKED_MIN: y = _rows(_rows(x, wavelet).mT, wavelet).mT
+    else: y = analysis_matrix(H, wavelet, x.dtype, x.device) @ x @ analysis_matrix(W, wavelet, x.dtype, x.device).mT
     h, w = H // 2, W // 2
     # the quarters of $Y$: LL top-left, LH bottom-left, HL top-right, HH bottom-right
     return torch.stack([y[..., :h, :w], y[..., h:, :w], y[..., :h, w:], y[..., h:, w:]], -3)
@@ -180,6 +232,7 @@ def idwt2_stacked(y: Tensor, wavelet: str = 'haar') -> Tensor:
     Y = torch.cat([torch.cat([ll, hl], -1), torch.cat([lh, hh], -1)], -2)
     H, W = Y.shape[-2:]
     # $X = W_H^\top\, Y\, W_W$
+    if max(H, W) >= BLOCKED_MIN: return _rows_inv(_rows_inv(Y, wavelet).mT, wavelet).mT
     return analysis_matrix(H, wavelet, y.dtype, y.device).mT @ Y @ analysis_matrix(W, wavelet, y.dtype, y.device)
 
 # %% ../nbs/00_haar.ipynb #22ed2091
