@@ -303,7 +303,8 @@ def bench_cpu(
         fn, opts = family_options(fam, fmnist, cifar10)
         for mode in modes:
             try: r = measure_training(fn, dict(opts, device='cpu'), mode, warm, timed)
-            except Exception as e: r = dict(error=f'{type(e).__name__}: {e}'[:300])   # a mode that fails says why
+            except Exception as e:   # a mode that fails says why, on one line
+                r = dict(error=' '.join(f'{type(e).__name__}: {e}'.split())[:300])
             rows.append(dict(family=fam, mode=mode, **r, load_1min=round(os.getloadavg()[0], 2)))
             print(format_rows([rows[-1]]).splitlines()[-1], flush=True)
     peer_rows = bench_peers(('fp32', 'bf16'), 128, warm, timed) if peers else []
