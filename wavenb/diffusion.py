@@ -403,14 +403,12 @@ def train_diffusion(
     space: typing.Literal['pixel', 'wavelet'] = 'wavelet',  # diffuse pixels or wavelet coefficients
     levels: int = 1,  # wavelet levels (> 1: a wavelet packet)
     wavelet: str = 'haar',  # orthogonal wavelet of the transform
-    # scale each wavelet band to unit variance over the data (off: the ablation of that scaling)
-    band_scaling: bool = True,
+    band_scaling: bool = True,  # scale each wavelet band to unit variance over the data (off: the ablation)
     backbone: typing.Literal['unet', 'ukan'] = 'unet',  # denoiser: UNet (attention) or U-KAN (KAN blocks)
     width: int = 64,  # channels at full resolution
     mults: tuple[int, ...] = (1, 2, 2),  # channel multiplier of each resolution level
     blocks: int = 2,  # residual blocks per level
-    # levels with attention (unet) or KAN blocks (ukan), 0 = full resolution (default: the coarsest)
-    mix_levels: tuple[int, ...] | None = None,
+    mix_levels: tuple[int, ...] | None = None,  # levels with attention/KAN blocks, 0 = full size (default: coarsest)
     match_unet: bool = False,  # with --backbone ukan: the width whose parameter count matches the UNet at --width
     T: int = 1000,  # diffusion steps
     schedule: typing.Literal['linear', 'cosine'] = 'cosine',  # noise schedule
@@ -426,26 +424,21 @@ def train_diffusion(
     fid_net: nn.Module | None = None,  # the FID feature network (default: the Inception network of fid_weights)
     device: str | None = None, seed: int = 0, precision: str | None = None, compile: bool = False, workers: int = 0,
 ) -> dict:
-    """Train a pixel- or wavelet-space diffusion model (checkpoints resume exactly), writing OUT/metrics.json,
-    OUT/samples.png, OUT/loss.png. FID/KID are measured against `test_data` if given, else against the training
-    images."""
-    if fid_net is None and (eval_samples or fid_every):
-        fid_net = InceptionFeatures(fid_weights)                              # fails now, not after training
+    """Train a pixel- or wavelet-space diffusion model (resumes exactly), writing OUT/metrics.json, samples.png,
+    loss.png. FID/KID are measured against `test_data` if given, else against the training images."""
+    if fid_net is None and (eval_samples or fid_every): fid_net = InceptionFeatures(fid_weights)  # fails now: not later
     ds, ref = diffusion_data(data, size, split, test_data)
     cfg = diffusion_config(ds.shape, space, levels, wavelet, backbone, width, mults, blocks, mix_levels, match_unet, T,
                            schedule, pred, band_scaling)
     cfg, sp, sched, model = setup_diffusion(ckpt, cfg, ds, ref if test_data else None, seed)
     draw = lambda m, n, **kw: sample(m, sched, (n, *ds.shape), sp, 'ddim', sample_steps, pred=pred, **kw)
-    report = lambda L: diffusion_report(L, draw, ref, out, eval_samples, fid_net, sample_steps,
-                                        f'{space} space, {backbone}')
+    report = lambda L: diffusion_report(L, draw, ref, out, eval_samples, fid_net, sample_steps, f'{space}, {backbone}')
     cbs = [DiffusionCB(sched, sp, pred), *run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every,
-                                                        dataset=ds, metrics_fn=report, experiment='diffusion',
-                                                        config=cfg, time_budget_min=minutes)]
+           dataset=ds, metrics_fn=report, experiment='diffusion', config=cfg, time_budget_min=minutes)]
     grid = lambda m: draw(m, 64, generator=torch.Generator(device=next(m.parameters()).device).manual_seed(seed))
     if sample_every: cbs.append(SampleCB(grid, Path(out) / 'progress', every=sample_every, scale='symmetric'))
-    L = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                precision=precision, compile=compile,
-                num_workers=workers, collate=Collate(scale='symmetric', flip=True), cbs=cbs)
+    L = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, precision=precision,
+                compile=compile, num_workers=workers, collate=Collate(scale='symmetric', flip=True), cbs=cbs)
     fk = fid_metric(ref, fid_net, device=L.device) if fid_every else None   # on the Learner's device
     curve = [FIDCurveCB(draw, fk, fid_curve_samples, fid_every, reference=ref)] if fid_every else []
     return L.fit(steps, cbs=curve).results

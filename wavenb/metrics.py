@@ -24,7 +24,7 @@ from .data import ImageSet, cache_dir, to_uint8, repo_root
 __all__ = ['FID_OPTIONS', 'fid_weights_path', 'file_sha256', 'InceptionFeatures', 'RandomFeatures', 'FIDKID', 'fid_between',
            'psnr', 'ssim', 'bits_per_dim', 'accuracy', 'image_grid', 'save_grid', 'show_grid', 'plot_losses',
            'plot_bars', 'plot_band_energy', 'device_name', 'run_info', 'dataset_info', 'write_metrics', 'read_results',
-           'provenance']
+           'shown_command', 'provenance']
 
 # %% ../nbs/03_metrics.ipynb #d9cb710e
 FID_OPTIONS = ('pass weights=PATH (wavenb fid --weights PATH) to the TorchScript FID Inception network, '
@@ -355,8 +355,19 @@ def read_results(path) -> dict:
     if not f.is_file(): raise FileNotFoundError(f'{f} not found: figures/README.md lists the command that writes it')
     return json.loads(f.read_text())
 
+_PATH_OPTS = ('--data', '--test-data', '--cifar10', '--fmnist', '--ckpt', '--vqvae', '--weights', '--fid-weights')
+
+def shown_command(cmd: str) -> str:
+    """A recorded command as a reader needs it: the folders of data files, checkpoints and weights (which were on the
+    machine that ran it) cut to the file names; the data itself is identified by the checksums in metrics.json."""
+    words = cmd.split()
+    for i, w in enumerate(words[:-1]):
+        if w in _PATH_OPTS: words[i + 1] = words[i + 1].rstrip('/').rsplit('/', 1)[-1]
+    return ' '.join(words)
+
 def provenance(r: dict) -> str:
     "One line that says where, when and how a result was made."
     dirty = ' (uncommitted changes)' if r.get('git_dirty') else ''
     run = f", {r['steps']} steps in {r['train_time_s'] / 60:.1f} min" if 'steps' in r and 'train_time_s' in r else ''
-    return f"{r['device']}, commit {str(r.get('git_commit'))[:7]}{dirty}, {r['date'][:10]}{run}: `{r['command']}`"
+    when = f"{r['device']}, commit {str(r.get('git_commit'))[:7]}{dirty}, {r['date'][:10]}{run}"
+    return f"{when}: `{shown_command(r['command'])}`"
