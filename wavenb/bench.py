@@ -64,7 +64,7 @@ def _throughput(stamps: list[float], warm: int, batch_size: int) -> dict:
     med = statistics.median(steps)
     # images/s = timed * B / (t[warm + timed] - t[warm])
     return dict(images_per_s=round(len(steps) * batch_size / (stamps[-1] - stamps[warm]), 1),
-                median_images_per_s=round(batch_size / med, 1), median_step_s=round(med, 4),
+                median_images_per_s=round(batch_size / med, 1), median_step_s=round(med, 6),
                 first_step_s=round(stamps[1] - stamps[0], 3), batch_size=batch_size, timed_steps=len(steps))
 
 @patch
