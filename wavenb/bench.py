@@ -16,7 +16,7 @@ from torch import nn
 from .diffusion import diffusers_unet, format_rows
 from .haar import wavedec2, waverec2
 from .learner import Callback, added_callbacks
-from .metrics import dataset_info, write_metrics
+from .metrics import dataset_info, package_version, write_metrics
 from .run import add_command, load_source
 from .unet import UNet
 from .wmsa import ViT, n_params
@@ -178,11 +178,7 @@ def bench_peers(modes=('fp32', 'bf16'), batch: int = 128, warm: int = 3, timed: 
 # %% ../nbs/60_cpu_speed.ipynb #2bf7a422
 def _versions() -> dict:
     "Versions of the peer libraries (None: not installed)."
-    out = {}
-    for m in ('diffusers', 'timm', 'ptwt', 'pytorch_wavelets'):
-        try: out[m] = getattr(importlib.import_module(m), '__version__', 'installed')
-        except ImportError: out[m] = None
-    return out
+    return {p: package_version(p) for p in ('diffusers', 'timm', 'ptwt', 'pytorch_wavelets')}
 
 def _transform_impls(x: torch.Tensor, wavelet: str, levels: int) -> dict:
     "Name -> round-trip callable for wavenb and each peer library that reproduces wavenb's coefficients (else why)."

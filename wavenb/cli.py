@@ -5,7 +5,6 @@
 # %% ../nbs/99_cli.ipynb #0cbb21c8
 from __future__ import annotations
 import argparse, importlib, importlib.util, json, os, sys, time, warnings
-from importlib.metadata import version, PackageNotFoundError
 from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from .data import load_images, pack_folder, pack_subset, parse_source, PackedJPEG, TORCHVISION
 from .fast_haar import bench_haar, format_bench, plot_bench
 from .haar import dwt2, wavedec2, waverec2, coeffs_to_image, band_energy, BANDS
-from .metrics import fid_between, plot_band_energy, write_metrics, dataset_info
+from .metrics import fid_between, package_version, plot_band_energy, write_metrics, dataset_info
 
 # %% auto #0
 __all__ = ['PLUGINS', 'haar_demo', 'build_parser', 'main', 'parse_source']
@@ -200,11 +199,6 @@ def _add_fid(sub):
     return s
 
 # %% ../nbs/99_cli.ipynb #4452ba61
-def _version(package: str) -> str | None:
-    "The installed version of `package`, or None."
-    try: return version(package)
-    except PackageNotFoundError: return None
-
 def _bench(a):
     shapes = [tuple(int(v) for v in s.split(',')) for s in a.shapes] if a.shapes else None
     device = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -215,7 +209,7 @@ def _bench(a):
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         plt.close(plot_bench(rows, out / 'bench.png'))
-        versions = {p: _version(p) for p in ('triton', 'pytorch_wavelets', 'ptwt', 'PyWavelets')}
+        versions = {p: package_version(p) for p in ('triton', 'pytorch_wavelets', 'ptwt', 'PyWavelets')}
         print('wrote', write_metrics(out, dict(rows=rows), device=device, figures=['bench.png'], versions=versions))
     return 0
 

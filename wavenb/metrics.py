@@ -5,6 +5,7 @@
 # %% ../nbs/03_metrics.ipynb #818a37b2
 from __future__ import annotations
 import hashlib, importlib.util, json, math, os, platform, subprocess, sys, warnings
+from importlib.metadata import PackageNotFoundError, version
 from datetime import datetime, timezone
 from pathlib import Path
 import torch
@@ -24,7 +25,7 @@ from .data import ImageSet, cache_dir, to_uint8, repo_root
 __all__ = ['FID_OPTIONS', 'fid_weights_path', 'file_sha256', 'InceptionFeatures', 'RandomFeatures', 'FIDKID', 'fid_between',
            'psnr', 'ssim', 'bits_per_dim', 'accuracy', 'image_grid', 'save_grid', 'show_grid', 'plot_losses',
            'plot_bars', 'plot_band_energy', 'device_name', 'run_info', 'dataset_info', 'write_metrics', 'read_results',
-           'shown_command', 'provenance']
+           'shown_command', 'package_version', 'provenance']
 
 # %% ../nbs/03_metrics.ipynb #d9cb710e
 FID_OPTIONS = ('pass weights=PATH (wavenb fid --weights PATH) to the TorchScript FID Inception network, '
@@ -364,6 +365,11 @@ def shown_command(cmd: str) -> str:
     for i, w in enumerate(words[:-1]):
         if w in _PATH_OPTS: words[i + 1] = words[i + 1].rstrip('/').rsplit('/', 1)[-1]
     return ' '.join(words)
+
+def package_version(package: str) -> str | None:
+    "The installed version of `package` (a distribution name such as 'ptwt'), or None."
+    try: return version(package)
+    except PackageNotFoundError: return None
 
 def provenance(r: dict) -> str:
     "One line that says where, when and how a result was made."
