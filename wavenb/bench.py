@@ -8,22 +8,27 @@ import importlib, os, statistics, tempfile, time
 from contextlib import nullcontext
 from pathlib import Path
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as tb
 from fastcore.basics import patch
 from torch import nn
+from .codec import (CATEGORICAL, CODERS, M, RansDecoder, RansEncoder, compress, constriction, decompress,
+                          one_thread)
 from .diffusion import diffusers_unet, format_rows
 from .haar import wavedec2, waverec2
 from .learner import Callback, added_callbacks
-from .metrics import dataset_info, package_version, write_metrics
+from .metrics import FIDKID, InceptionFeatures, dataset_info, package_version, write_metrics
 from .run import add_command, load_source
 from .unet import UNet
+from .flow import WaveletFlow
 from .wmsa import ViT, n_params
 
 # %% auto #0
 __all__ = ['MODES', 'FAMILIES', 'PEERS', 'TRANSFORM_SHAPES', 'Measured', 'ThroughputCB', 'measure_training', 'family_options',
-           'timm_vit', 'bench_step', 'bench_peers', 'bench_transforms', 'plot_modes', 'bench_cpu', 'add_cli']
+           'timm_vit', 'bench_step', 'bench_peers', 'bench_transforms', 'coder_tables', 'bench_coders', 'bench_fid',
+           'plot_modes', 'bench_cpu', 'add_cli']
 
 # %% ../nbs/60_cpu_speed.ipynb #44dff854
 class Measured(Exception):
@@ -245,6 +250,141 @@ def bench_transforms(
                       load_average_before_1_5_15_min=[round(v, 2) for v in load0], versions=_versions())
     return rows
 
+# %% ../nbs/60_cpu_speed.ipynb #4f3c7069
+def coder_tables(S: int, G: int, A: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Symbols (S, G), frequencies (S, G, A) summing to M, cumulative (S, G, A + 1): discretised logistics."
+    g = np.random.default_rng(seed)
+    mu, s = g.uniform(0, A, (S, G, 1)), g.uniform(1, 20, (S, G, 1))
+    F = 1 / (1 + np.exp(-(np.arange(A + 1) - 0.5 - mu) / s))
+    F[..., 0], F[..., -1] = 0, 1
+    f = np.floor(np.diff(F, axis=-1) * (M - A)).astype(np.int64) + 1       # every value keeps a frequency >= 1
+    f[..., -1] += M - f.sum(-1)
+    cum = np.concatenate([np.zeros((S, G, 1), np.int64), np.cumsum(f, -1)], -1)
+    z = (cum[..., 1:] <= g.integers(0, M, (S, G, 1))).sum(-1)             # drawn from the tables
+    return z, f, cum
+
+# %% ../nbs/60_cpu_speed.ipynb #fdeacff3
+def _time_rans(z, f, cum) -> dict:
+    "The numpy rANS, all G streams interleaved: encode, decode, bits; the decoded symbols must be `z`."
+    (S, G), idx = z.shape, np.arange(z.shape[1])
+    t0 = time.perf_counter()
+    enc = RansEncoder(G)
+    for t in reversed(range(S)): enc.put(cum[t, idx, z[t]], f[t, idx, z[t]])
+    streams = enc.streams()
+    t1 = time.perf_counter()
+    dec = RansDecoder(streams)
+    for t in range(S):
+        s = (cum[t, :, 1:] <= dec.slot(G)[:, None]).sum(-1)
+        if (s != z[t]).any(): raise AssertionError('rANS decoded other symbols')
+        dec.advance(cum[t, idx, s], f[t, idx, s], G)
+    return dict(encode_s=t1 - t0, decode_s=time.perf_counter() - t1, bits=32 * sum(map(len, streams)))
+
+def _time_constriction(z, f) -> dict:
+    "constriction's AnsCoder, one per stream, each stream one call: encode, decode, bits; checked like `_time_rans`."
+    p = [np.ascontiguousarray(f[:, k] / M) for k in range(z.shape[1])]
+    sym = [np.ascontiguousarray(z[:, k], np.int32) for k in range(z.shape[1])]
+    t0 = time.perf_counter()
+    words = []
+    for s, pk in zip(sym, p):
+        c = constriction.stream.stack.AnsCoder()
+        c.encode_reverse(s, CATEGORICAL, pk)
+        words.append(c.get_compressed())
+    t1 = time.perf_counter()
+    for w, s, pk in zip(words, sym, p):
+        if (constriction.stream.stack.AnsCoder(w).decode(CATEGORICAL, pk) != s).any():
+            raise AssertionError('constriction decoded other symbols')
+    return dict(encode_s=t1 - t0, decode_s=time.perf_counter() - t1, bits=32 * sum(map(len, words)))
+
+# %% ../nbs/60_cpu_speed.ipynb #0f718a7c
+def _coder_rows(S: int, streams: tuple[int, ...], A: int) -> list[dict]:
+    "The coders alone: per stream count, rANS and constriction on the same symbols; constriction's speed-up."
+    rows = []
+    for G in streams:
+        z, f, cum = coder_tables(S, G, A)
+        r = dict(what=f'coder alone, {G} stream(s) x {S} symbols, A = {A}', symbols=S * G)
+        for name, res in (('rans', _time_rans(z, f, cum)), ('constriction', _time_constriction(z, f))):
+            r[f'{name}_encode_symbols_per_s'] = round(S * G / res['encode_s'])
+            r[f'{name}_decode_symbols_per_s'] = round(S * G / res['decode_s'])
+            r[f'{name}_bits'] = res['bits']
+        r['constriction_speedup_encode_decode'] = round(
+            (S * G / r['rans_encode_symbols_per_s'] + S * G / r['rans_decode_symbols_per_s']) /
+            (S * G / r['constriction_encode_symbols_per_s'] + S * G / r['constriction_decode_symbols_per_s']), 1)
+        rows.append(r)
+    return rows
+
+@one_thread()
+def _image_rows(images: torch.Tensor, reps: int = 3) -> list[dict]:
+    "The flow codec, one image per file, with each coder: median ms per image to compress and to decompress, bytes."
+    torch.manual_seed(0)
+    model = WaveletFlow(images.shape[1], 'legall', 32, 2, 96, 4, 5).eval()    # train_flow's default configuration
+    rows = []
+    for coder in CODERS:
+        enc, dec, size = [], [], []
+        for im in images:
+            for _ in range(reps):
+                t0 = time.perf_counter(); data = compress(model, im[None], streams=1, coder=coder)
+                t1 = time.perf_counter(); back = decompress(model, data)
+                dec.append(time.perf_counter() - t1); enc.append(t1 - t0)
+            if not torch.equal(back, im[None]): raise AssertionError(f'{coder}: the image did not come back')
+            size.append(len(data))
+        rows.append(dict(what=f'flow codec, one {tuple(images.shape[1:])} image per file', coder=coder,
+                         images=len(images), compress_ms=round(1e3 * statistics.median(enc), 1),
+                         decompress_ms=round(1e3 * statistics.median(dec), 1), mean_bytes=round(np.mean(size), 1)))
+    return rows
+
+# %% ../nbs/60_cpu_speed.ipynb #1d48a7e0
+def bench_coders(
+    data: str = 'fashion_mnist',  # images coded one per file: a data source (its test split)
+    images: int = 20,  # how many
+    symbols: int = 784,  # symbols per stream for the coders alone (784: a 28x28 image)
+    streams: tuple[int, ...] = (1, 64),  # stream counts for the coders alone
+    alphabet: int = 256,  # values per symbol for the coders alone
+    out: str | None = 'figures/coder_bench',
+) -> list[dict]:
+    "The course's rANS against constriction, alone and inside the flow codec (one thread)."
+    load0 = os.getloadavg()
+    ds = load_source(data, split='test')
+    with one_thread(): rows = _coder_rows(symbols, streams, alphabet)
+    rows += _image_rows(ds.images[:images])
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / 'bench.md').write_text(format_rows(rows) + '\n')
+        write_metrics(out, dict(rows=rows), device='cpu', figures=['bench.md'], cpu_count=os.cpu_count(),
+                      load_average_before_1_5_15_min=[round(v, 2) for v in load0], dataset=dataset_info(ds),
+                      versions={'constriction': package_version('constriction')}, note='the flow is untrained: '
+                      'times and sizes are those of its default configuration, not of a trained model')
+    return rows
+
+# %% ../nbs/60_cpu_speed.ipynb #f8b11a8e
+def bench_fid(
+    fid_weights: str | None = None,  # the TorchScript FID Inception network (default: $WAVENB_FID_WEIGHTS or a package)
+    data: str = 'fashion_mnist:train',  # n of these images ...
+    other: str = 'fashion_mnist:test',  # ... against n of these
+    n: int = 1000,  # images per side
+    seed: int = 0,  # which images (a seeded permutation of each split)
+    out: str | None = 'figures/fid_bench',
+    net: nn.Module | None = None,  # a feature network instead of the Inception one (for checks)
+) -> dict:
+    "FID and KID of the same images with the feature network in float32 and bfloat16: the change, and ms per image."
+    load0 = os.getloadavg()
+    pick = lambda ds, s: ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(s))[:n])
+    a, b = pick(load_source(data), seed), pick(load_source(other), seed + 1)
+    res = {}
+    for p in ('fp32', 'bf16'):
+        f = net if net is not None else InceptionFeatures(fid_weights, p)
+        f.precision = p
+        t0 = time.perf_counter()
+        r = FIDKID(f, kid_subset_size=min(n, 1000)).set_real(a, cache=False).add_fake(b.images).compute()
+        res[p] = dict(fid=r['fid'], kid=r['kid'], ms_per_image=round(1e3 * (time.perf_counter() - t0) / (2 * n), 1))
+    change = lambda k: abs(res['bf16'][k] - res['fp32'][k]) / abs(res['fp32'][k])
+    res.update(fid_relative_change=change('fid'), kid_relative_change=change('kid'), images_per_side=n,
+               feature_net=f.ident, speedup=round(res['fp32']['ms_per_image'] / res['bf16']['ms_per_image'], 2))
+    if out:
+        write_metrics(out, res, device='cpu', threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                      load_average_before_1_5_15_min=[round(v, 2) for v in load0],
+                      datasets=[dataset_info(a), dataset_info(b)])
+    return res
+
 # %% ../nbs/60_cpu_speed.ipynb #512cb0c9
 def _best(rows: list[dict]) -> dict:
     "Per family: eager fp32 images/s, the best mode and its speed-up (median images/s)."
@@ -329,3 +469,6 @@ def add_cli(cmds: dict):
     add_command(cmds['bench'], 'cpu', bench_cpu, help='training speed of every model family on this CPU, by mode')
     add_command(cmds['bench'], 'transforms', bench_transforms,
                 help='wavelet transform round trips: wavenb vs ptwt and pytorch_wavelets')
+    add_command(cmds['bench'], 'coders', bench_coders, help="the course's rANS vs constriction, alone and in the flow codec")
+    add_command(cmds['bench'], 'fid', bench_fid, help='FID features in float32 vs bfloat16: the change of FID, and the speed')
+

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib, copy, hashlib, io, json, math, os, struct, time, typing, zlib
 from pathlib import Path
 import matplotlib.pyplot as plt
+import constriction
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from PIL import Image as PILImage
 from torch import Tensor
 from .flow import (WaveletFlow, WaveletFlowTransform, IntCollate, bpd_loss, irct, level_sizes, load_flow,
@@ -19,12 +21,13 @@ from .metrics import psnr, ssim, save_grid, read_results, provenance
 from .run import load_source, train_test, run_callbacks, load_model, add_command
 
 # %% auto #0
-__all__ = ['PREC', 'RANS_L', 'M', 'HEADER', 'MAGIC', 'VERSION', 'FLOW_KEYS', 'PUBLISHED_BPD_CIFAR10', 'CodecError', 'RansEncoder',
-           'RansDecoder', 'mixture_tables', 'mixture_cdf', 'quantised_cdf', 'model_id', 'one_thread', 'symbols',
-           'compress', 'read_header', 'decompress', 'theoretical_bits', 'll_to_image', 'progressive',
-           'plot_progressive', 'baseline_bytes', 'cubic_kernel', 'upsample_matrix', 'upsample', 'super_resolution',
-           'plot_sr', 'coded_subset', 'coding_metrics', 'evaluate_flow', 'build_flow', 'load_flow_run', 'train_flow',
-           'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report']
+__all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'ANS_START', 'HEADER', 'MAGIC', 'VERSION', 'CODERS', 'FLOW_KEYS',
+           'PUBLISHED_BPD_CIFAR10', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables', 'mixture_cdf',
+           'quantised_cdf', 'pmf_rows', 'AnsDecoder', 'model_id', 'one_thread', 'symbols', 'compress', 'read_header',
+           'decompress', 'theoretical_bits', 'll_to_image', 'progressive', 'plot_progressive', 'baseline_bytes',
+           'cubic_kernel', 'upsample_matrix', 'upsample', 'super_resolution', 'plot_sr', 'coded_subset',
+           'coding_metrics', 'evaluate_flow', 'build_flow', 'load_flow_run', 'train_flow', 'read_image',
+           'compress_file', 'decompress_file', 'add_cli', 'flow_report']
 
 # %% ../nbs/41_codec.ipynb #28a56b1d
 PREC, RANS_L = 24, 1 << 31
@@ -92,6 +95,11 @@ class RansDecoder:
             self.pos[i] += 1
         self.x[:n] = x
 
+    def done(self) -> np.ndarray:
+        "Which streams ended where their encoder began: state L, every word read (anything else is a damaged stream)."
+        return (self.x == np.uint64(RANS_L)) & (self.pos == self.len)
+
+
 # %% ../nbs/41_codec.ipynb #dbd33cc9
 def mixture_tables(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Band parameters (logit, mu, log_s), each (N, C, h, w, K) float64 -> (weights, means, 1/scales) as (K, C*h*w, N)
@@ -102,8 +110,8 @@ def mixture_tables(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.ascontiguousarray(t.detach().flatten(1, 3).permute(2, 1, 0).double().numpy()) for t in tabs)
 
 def mixture_cdf(t: np.ndarray, w: np.ndarray, mu: np.ndarray, inv_s: np.ndarray) -> np.ndarray:
-    "F(t) = sum_k w_k sigmoid((t - mu_k) / s_k), elementwise; parameters (K, ...), t (...)."
-    acc = np.zeros(t.shape)
+    "F(t) = sum_k w_k sigmoid((t - mu_k) / s_k), elementwise; parameters (K, ...), t (...) broadcast with them."
+    acc = np.zeros(np.broadcast_shapes(t.shape, w.shape[1:]))
     with np.errstate(over='ignore'):           # exp overflow = a sigmoid of exactly 0
         for k in range(len(w)): acc += w[k] / (1 + np.exp(-(t - mu[k]) * inv_s[k]))
     return acc
@@ -116,10 +124,62 @@ def quantised_cdf(i: np.ndarray, tables, lo: int, hi: int) -> np.ndarray:
     q = np.floor(np.clip(mixture_cdf(i - 0.5, *tables), 0, 1) * (M - A)).astype(np.int64)
     return np.where(i <= lo, 0, np.where(i > hi, M - A, q)) + (i - lo)
 
+# %% ../nbs/41_codec.ipynb #690a8700
+CATEGORICAL = constriction.stream.model.Categorical(perfect=False)   # probabilities given per symbol, at coding time
+
+def pmf_rows(tab, k: int, lo: int, hi: int) -> np.ndarray:
+    "Probabilities (S, A) of the values lo..hi for each of a band's S variables, image `k` of its tables (K, S, N)."
+    w, mu, inv_s = (a[:, :, k, None] for a in tab)
+    # p(i) = F(i + 1/2) - F(i - 1/2), with F(lo - 1/2) = 0 and F(hi + 1/2) = 1
+    F = mixture_cdf(np.arange(lo, hi + 2) - 0.5, w, mu, inv_s)
+    F[:, 0], F[:, -1] = 0., 1.
+    return np.diff(F, axis=1)
+
+# %% ../nbs/41_codec.ipynb #cd669dec
+ANS_START = np.array([0x6A09E667, 0xBB67AE85], np.uint32)    # the stacks' starting state, 0xBB67AE85_6A09E667
+
+def _ans_encode(coded: list, G: int, lo: int, hi: int) -> list[np.ndarray]:
+    "`_rans_encode`'s job with constriction: `G` streams of uint32 words in decoding order."
+    coders = [constriction.stream.stack.AnsCoder(ANS_START.copy()) for _ in range(G)]
+    for bands in reversed(coded):
+        for z, tab in reversed(bands):
+            for k in range(z.shape[1]):
+                coders[k].encode_reverse((z[:, k] - lo).astype(np.int32), CATEGORICAL, pmf_rows(tab, k, lo, hi))
+    return [c.get_compressed()[::-1].copy() for c in coders]
+
+# %% ../nbs/41_codec.ipynb #b1824228
+class AnsDecoder:
+    "Decode `_ans_encode`'s streams; `lengths`: each stream's length in words as the file's header gives it."
+    def __init__(self, streams: list[np.ndarray], lengths=None):
+        self.avail = np.array([len(s) for s in streams], np.int64)
+        self.len = self.avail if lengths is None else np.asarray(lengths, np.int64)
+        full = [np.concatenate([s, np.zeros(n - len(s), np.uint32)]) for s, n in zip(streams, self.len)]
+        if (self.avail == 0).any(): raise CodecError('truncated stream: a stream has no words')
+        try: self.coders = [constriction.stream.stack.AnsCoder(np.ascontiguousarray(s[::-1], np.uint32)) for s in full]
+        except ValueError as e: raise CodecError(f'corrupted stream: {e}') from None
+
+    @property
+    def pos(self) -> np.ndarray:
+        "Words read so far (into the state or past it), per stream: the prefix of each stream decoding has needed."
+        return self.len - np.array([c.pos()[0] for c in self.coders])
+
+    def band(self, tab, n: int, lo: int, hi: int) -> np.ndarray:
+        "Pop one band's symbols (S, n) from the first `n` streams, given the band's mixture tables."
+        z = np.zeros((tab[0].shape[1], n), np.int64)
+        for k in range(n): z[:, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi)) + lo
+        if (self.pos[:n] > self.avail[:n]).any(): raise CodecError('truncated stream: it ends before the last symbol was decoded')
+        return z
+
+    def done(self) -> np.ndarray:
+        "Which streams ended where their encoder began: every word read, the state back at `ANS_START`."
+        start = (0, int(ANS_START[1]) << 32 | int(ANS_START[0]))
+        return np.array([c.pos() == start for c in self.coders]) & (self.avail == self.len)
+
 # %% ../nbs/41_codec.ipynb #ba8aa458
-# magic, version, image mode, model channels, H, W, N, levels, model id, lo, hi, G
-HEADER = struct.Struct('<4sBBBHHIB8siiI')
-MAGIC, VERSION = b'WNBF', 1
+# magic, version, coder, image mode, model channels, H, W, N, levels, model id, lo, hi, G
+HEADER = struct.Struct('<4sBBBBHHIB8siiI')
+MAGIC, VERSION = b'WNBF', 2
+CODERS = ('rans', 'constriction')                # the coder byte: rANS from scratch, or constriction
 
 def model_id(model: WaveletFlow) -> bytes:
     "8 bytes identifying a model: SHA-256 of its configuration and weights."
@@ -130,7 +190,15 @@ def model_id(model: WaveletFlow) -> bytes:
     return h.digest()[:8]
 
 # %% ../nbs/41_codec.ipynb #d88990b8
-def _cpu64(model: WaveletFlow) -> WaveletFlow: return copy.deepcopy(model).cpu().double().eval()
+_COPIES = {}                    # the float64 copy of the model used last, by model id
+
+def _cpu64(model: WaveletFlow, mid: bytes | None = None) -> WaveletFlow:
+    "A float64 CPU copy of `model` in eval mode, made once per model id (`mid`, the weights' hash, if already known)."
+    mid = model_id(model) if mid is None else mid
+    if mid not in _COPIES:
+        _COPIES.clear()
+        _COPIES[mid] = copy.deepcopy(model).cpu().double().eval()
+    return _COPIES[mid]
 
 class one_thread(contextlib.ContextDecorator):
     """Run torch on a fixed number of CPU threads inside the codec ($WAVENB_CODEC_THREADS, default 1): the same
@@ -183,17 +251,19 @@ def _rans_encode(coded: list, G: int, lo: int, hi: int) -> list[np.ndarray]:
 # %% ../nbs/41_codec.ipynb #0018ea85
 @torch.no_grad()
 @one_thread()
-def compress(model: WaveletFlow, images: Tensor, streams: int = 64, batch: int | None = None) -> bytes:
-    "Losslessly code uint8 images (N, 1|3, H, W) into bytes (rANS, `streams` interleaved streams)."
-    m = _cpu64(model)
+def compress(model: WaveletFlow, images: Tensor, streams: int = 64, coder: str = 'constriction') -> bytes:
+    "Losslessly code uint8 images (N, 1|3, H, W) into bytes: `streams` streams, one image per stream and round."
+    if coder not in CODERS: raise ValueError(f'unknown entropy coder {coder!r}: use one of {CODERS}')
+    mid = model_id(model)
+    m = _cpu64(model, mid)
     x, mode = _prepare(images, m.transform.channels)
     N, C, H, W = x.shape
     G = min(streams, N)
     coded = [symbols(m, x[r.start:r.stop]) for r in _rounds(N, G)]     # per round: (z, tables) per band
     lo, hi = _symbol_range(coded)
-    st = _rans_encode(coded, G, lo, hi)
+    st = (_ans_encode if coder == 'constriction' else _rans_encode)(coded, G, lo, hi)
     body = struct.pack(f'<{G}I', *map(len, st)) + b''.join(s.astype('<u4').tobytes() for s in st)
-    head = HEADER.pack(MAGIC, VERSION, mode, C, H, W, images.shape[0], m.n_levels(H, W), model_id(model), lo, hi, G)
+    head = HEADER.pack(MAGIC, VERSION, CODERS.index(coder), mode, C, H, W, images.shape[0], m.n_levels(H, W), mid, lo, hi, G)
     return head + struct.pack('<I', zlib.crc32(body)) + body
 
 # %% ../nbs/41_codec.ipynb #9ee12ab3
@@ -202,14 +272,15 @@ def read_header(data: bytes) -> dict:
     if len(data) < 4 or data[:4] != MAGIC:
         raise CodecError(f'not a wavenb flow stream (magic {bytes(data[:4])!r}, expected {MAGIC!r})')
     if len(data) < HEADER.size + 4: raise CodecError(f'truncated stream: {len(data)} bytes, shorter than the header')
-    magic, ver, mode, C, H, W, N, levels, mid, lo, hi, G = HEADER.unpack_from(data)
+    magic, ver, coder, mode, C, H, W, N, levels, mid, lo, hi, G = HEADER.unpack_from(data)
     if ver != VERSION: raise CodecError(f'unsupported wavenb stream version {ver} (this is version {VERSION})')
+    if coder >= len(CODERS): raise CodecError(f'corrupted header: unknown entropy coder {coder}')
     if mode not in (1, 3) or C not in (1, 3) or G < 1 or G > max(N * (3 if mode > C else 1), 1):
         raise CodecError('corrupted header')
     off = HEADER.size + 4 + 4 * G
     if len(data) < off: raise CodecError(f'truncated stream: {len(data)} bytes, the header needs {off}')
     lens = struct.unpack_from(f'<{G}I', data, HEADER.size + 4)
-    return dict(mode=mode, channels=C, H=H, W=W, N=N, levels=levels, model_id=mid, lo=lo, hi=hi, G=G, lengths=lens,
+    return dict(coder=CODERS[coder], mode=mode, channels=C, H=H, W=W, N=N, levels=levels, model_id=mid, lo=lo, hi=hi, G=G, lengths=lens,
                 offset=off, crc=struct.unpack_from('<I', data, HEADER.size)[0])
 
 # %% ../nbs/41_codec.ipynb #76ff315d
@@ -240,13 +311,17 @@ def _decode_symbols(dec: RansDecoder, tab, n: int, lo: int, hi: int) -> np.ndarr
         z[t] = a
     return z
 
+@patch
+def band(self: RansDecoder, tab, n: int, lo: int, hi: int) -> np.ndarray: return _decode_symbols(self, tab, n, lo, hi)
+
+
 # %% ../nbs/41_codec.ipynb #2e56f6eb
 @torch.no_grad()
-def _decode_images(m: WaveletFlow, dec: RansDecoder, n: int, C: int, H: int, W: int, lo: int, hi: int,
+def _decode_images(m: WaveletFlow, dec: RansDecoder | AnsDecoder, n: int, C: int, H: int, W: int, lo: int, hi: int,
                    progress=None) -> Tensor:
     "Decode `n` images (one per stream) with the float64 model `m`; `progress(level, LL, words)` after each level."
     def band(params, shape):
-        z = _decode_symbols(dec, mixture_tables(params), n, lo, hi)
+        z = dec.band(mixture_tables(params), n, lo, hi)
         return torch.from_numpy(z.T.copy()).double().view(n, *shape)
     L = m.n_levels(H, W)
     sizes = level_sizes(H, W, L)
@@ -267,20 +342,21 @@ def _decode_images(m: WaveletFlow, dec: RansDecoder, n: int, C: int, H: int, W: 
 def decompress(model: WaveletFlow, data: bytes, progress=None, check: bool = True) -> Tensor:
     "Decode `compress`'s bytes back to the uint8 images. `progress(level, images, words)`: called after each level."
     h = read_header(data)
-    if h['model_id'] != model_id(model):
-        raise CodecError(f"this stream was written with another model (id {h['model_id'].hex()}, "
-                         f"this model is {model_id(model).hex()})")
+    if h['model_id'] != (mid := model_id(model)):
+        raise CodecError(f"this stream was written with another model (id {h['model_id'].hex()}, this model is {mid.hex()})")
     need = h['offset'] + 4 * sum(h['lengths'])
     if check:
         if len(data) < need: raise CodecError(f'truncated stream: {len(data)} bytes, expected {need}')
         if zlib.crc32(data[HEADER.size + 4:need]) != h['crc']: raise CodecError('corrupted stream: CRC-32 mismatch')
-    m = _cpu64(model)
+    m = _cpu64(model, mid)
     C, H, W, G, lo, hi = h['channels'], h['H'], h['W'], h['G'], h['lo'], h['hi']
     if m.transform.channels != C or m.n_levels(H, W) != h['levels']:
         raise CodecError('the stream does not fit this model (channels/levels)')
     n_img = h['N'] * (3 if (h['mode'] == 3 and C == 1) else 1)
-    dec = RansDecoder(_stream_words(data, h))
+    words = _stream_words(data, h)
+    dec = RansDecoder(words) if h['coder'] == 'rans' else AnsDecoder(words, h['lengths'])
     x = torch.cat([_decode_images(m, dec, len(r), C, H, W, lo, hi, progress) for r in _rounds(n_img, G)])
+    if not dec.done().all(): raise CodecError('corrupted stream: a stream does not end where its encoder began')
     if x.min() < 0 or x.max() > 255: raise CodecError('corrupted stream: decoded values outside 0..255')
     x = x.to(torch.uint8)
     if h['mode'] == 1 and C == 3: x = x[:, 1:2]
@@ -535,7 +611,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test_data: str | 
                code_images: int = 1000,  # test images coded to a real file
                # of those, how many are also coded one per file, the comparison with PNG/WebP (default: all)
                per_image_files: int | None = None,
-               streams: int = 256,  # interleaved rANS streams
+               streams: int = 256,  # entropy-coder streams (one image per stream and round)
                sr_images: int = 256,  # of the coded images, how many are super-resolved
                experiment: str = 'flow',  # the experiment's name in metrics.json
                device: str | None = None, seed: int = 0, compile: bool = False, workers: int = 0) -> dict:
