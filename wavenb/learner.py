@@ -23,10 +23,10 @@ from .data import Collate, ImageSet
 from .metrics import write_metrics, dataset_info, save_grid, plot_losses
 
 # %% auto #0
-__all__ = ['ADDED_CBS', 'CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything', 'keep_rng',
-           'dist_env', 'init_distributed', 'leave_distributed', 'CancelFitException', 'TrainingDiverged', 'Callback',
-           'added_callbacks', 'Learner', 'ProgressCB', 'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB', 'GradClipCB',
-           'ema_decay', 'running_stats', 'ema_step_', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError',
+__all__ = ['ADDED_CBS', 'EVAL_KEYS', 'CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything',
+           'keep_rng', 'dist_env', 'init_distributed', 'leave_distributed', 'CancelFitException', 'TrainingDiverged',
+           'Callback', 'added_callbacks', 'Learner', 'ProgressCB', 'warmup_cosine', 'LRScheduleCB', 'TimeLimitCB',
+           'GradClipCB', 'ema_decay', 'running_stats', 'ema_step_', 'EMACB', 'EvalCB', 'SampleCB', 'CheckpointError',
            'load_checkpoint', 'load_weights', 'CheckpointCB', 'load_run', 'save_config', 'ema_state', 'ResultsCB']
 
 # %% ../nbs/02_learner.ipynb #2426ad87
@@ -443,8 +443,11 @@ class EMACB(Callback):
     def load_state_dict(self, sd): self.learn.ema.load_state_dict(sd)
 
 # %% ../nbs/02_learner.ipynb #2e0b1f44
+EVAL_KEYS = ('step', 'train_time_s')     # what an evaluation record holds besides its metrics
+
 class EvalCB(Callback):
-    """Evaluate on the validation set every `every` steps and at the end; results in `learn.history['eval']`.
+    """Evaluate on the validation set every `every` steps and at the end; results in `learn.history['eval']`, each
+    with the step and the training time so far (the curve of a run by time).
     Evaluation leaves the training's random streams alone (`keep_rng`)."""
     order = 20
     def __init__(self, every: int = 500, metrics: dict | None = None, use_ema: bool = True):
@@ -452,11 +455,11 @@ class EvalCB(Callback):
     def _run(self):
         L = self.learn
         model = L.ema_model if self.use_ema and L.ema_model is not None else L.raw_model
-        with keep_rng(): r = dict(step=L.step, **L.evaluate(model, metrics=self.metrics))
+        with keep_rng(): r = dict(step=L.step, train_time_s=round(L.train_time, 2), **L.evaluate(model, metrics=self.metrics))
         L.history.setdefault('eval', []).append(r)
         L.last_eval = r
         if L.is_main:
-            tqdm.write(f'step {L.step}: ' + ', '.join(f'valid {k} {v:.4f}' for k, v in r.items() if k != 'step'))
+            tqdm.write(f'step {L.step}: ' + ', '.join(f'valid {k} {v:.4f}' for k, v in r.items() if k not in EVAL_KEYS))
     def after_batch(self):
         if self.learn.step % self.every == 0: self._run()
     def after_fit(self):
@@ -639,7 +642,7 @@ class ResultsCB(Callback):
     def after_fit(self):
         L = self.learn
         if not L.is_main: return
-        last_eval = {k: v for k, v in L.last_eval.items() if k != 'step'} if getattr(L, 'last_eval', None) else {}
+        last_eval = {k: v for k, v in L.last_eval.items() if k not in EVAL_KEYS} if getattr(L, 'last_eval', None) else {}
         metrics = dict(final_loss=float(np.mean(L.history['loss'][-50:])) if L.history['loss'] else None, **last_eval)
         if self.metrics_fn is not None: metrics.update(self.metrics_fn(L))
         self.out.mkdir(parents=True, exist_ok=True)
@@ -650,6 +653,7 @@ class ResultsCB(Callback):
                     load_average_1_5_15_min=[round(v, 2) for v in os.getloadavg()], cpu_count=os.cpu_count(),
                     **self.extra)
         if self.dataset is not None: info['dataset'] = dataset_info(self.dataset)
+        if L.history.get('eval'): info['eval_history'] = L.history['eval']     # every validation, by step and time
         if L.device.type == 'cuda': info['peak_memory_bytes'] = torch.cuda.max_memory_allocated(L.device)
         write_metrics(self.out, metrics, device=L.device, **info)
         L.results = metrics                      # `learn.fit(...).results` hands them back
