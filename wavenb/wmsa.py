@@ -28,7 +28,7 @@ __all__ = ['ORIENTATIONS', 'SIZES', 'CLAIMED_PARAMS', 'MODEL_OPTIONS', 'RECIPE_O
            'attention_weights', 'plot_attention', 'AugCollate', 'MixCB', 'adamw_groups', 'count_flops',
            'inference_throughput', 'build_classifier', 'classifier_report', 'classifier_data', 'classifier_config',
            'classifier_callbacks', 'classifier_learner', 'train_classifier', 'load_classifier', 'eval_classifier',
-           'results_table', 'add_cli']
+           'results_table', 'add_cli', 'plot_curves']
 
 # %% ../nbs/30_wmsa.ipynb #259b2923
 ORIENTATIONS = ('A', 'H', 'V', 'D')   # LL, LH (pywt cH), HL (cV), HH (cD): the index along dwt2_stacked's band axis
@@ -458,7 +458,7 @@ def build_classifier(cfg: dict) -> nn.Module:
     "A `WaveletTransformer` or `ViT` from a configuration dict (as saved in `config.json`)."
     arch = {k: cfg.get(k) or v for k, v in SIZES[_model_size(cfg)].items()}   # dim/depth/heads override the model size
     common = dict(n_classes=cfg['n_classes'], size=cfg['image_size'], channels=cfg['channels'],
-                  drop_path=cfg['drop_path'], **arch)
+                  drop_path=cfg['drop_path'], mlp_ratio=cfg.get('mlp_ratio', 4.0), **arch)
     if cfg['kind'] == 'vit': return ViT(patch=cfg['vit_patch'], **common)
     if cfg['kind'] == 'wmsa':
         wavelet = {k: cfg[k] for k in ('levels', 'wavelet', 'overcomplete', 'll_pool', 'patch', 'kernel', 'radius')}
@@ -503,7 +503,7 @@ def classifier_data(data: str, split: str | None, test_data: str | None, size: i
     return ds, train, valid, test
 
 # %% ../nbs/30_wmsa.ipynb #0e981d9a
-MODEL_OPTIONS = ('kind', 'model_size', 'dim', 'depth', 'heads', 'levels', 'wavelet', 'overcomplete', 'll_pool', 'patch',
+MODEL_OPTIONS = ('kind', 'model_size', 'dim', 'depth', 'heads', 'mlp_ratio', 'levels', 'wavelet', 'overcomplete', 'll_pool', 'patch',
                  'kernel', 'radius', 'vit_patch', 'drop_path', 'size')
 RECIPE_OPTIONS = ('steps', 'minutes', 'batch_size', 'lr', 'warmup', 'weight_decay', 'label_smoothing', 'policy', 'mix',
                   'ema')
@@ -544,6 +544,7 @@ def train_classifier(
     dim: int | None = None,  # token width (default: the model size's)
     depth: int | None = None,  # transformer blocks (default: the model size's)
     heads: int | None = None,  # attention heads (default: the model size's)
+    mlp_ratio: float = 4.0,  # MLP hidden width per token width
     levels: int = 3,  # DWT levels
     wavelet: str = 'haar',  # orthogonal wavelet of the DWT: haar, db4, sym4, coif2, ...
     overcomplete: bool = False,  # also keep LL_1..LL_{J-1} (the original token set)
@@ -676,3 +677,18 @@ def add_cli(cmds: dict):
         add_command(cmds['train'], kind, train, help=f'{what}: CIFAR-style classifier', skip=skip)
         evaluate = _command(eval_classifier, dict(kind=kind), ckpt=f'runs/{kind}')
         add_command(cmds['eval'], kind, evaluate, help=f'evaluate a trained {kind} classifier')
+
+# %% ../nbs/30_wmsa.ipynb #d1f51eec
+def plot_curves(folders, key: str = 'acc', path=None, title: str = 'validation accuracy by training time'):
+    "Validation `key` against training minutes of each run folder (its metrics.json `eval_history`), one line each."
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for f in folders:
+        j = json.loads((Path(f) / 'metrics.json').read_text())
+        h = j.get('eval_history')
+        if not h: raise ValueError(f'{f}/metrics.json has no eval_history (a run from before it was recorded)')
+        ax.plot([e['train_time_s'] / 60 for e in h], [e[key] for e in h], marker='.', label=_run_name(j['config']))
+    ax.set(xlabel='training minutes', ylabel=f'validation {key}', title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if path: fig.savefig(path, bbox_inches='tight')
+    return fig
