@@ -229,6 +229,8 @@ def test_damaged_streams_never_decode_to_a_wrong_image_unchecked(crops, coder):
     one = compress(m, crops[:1], streams=1, coder=coder)
     off = read_header(one)['offset']
     damaged = [one[:cut] for cut in range(off, len(one), 4)] + [one + bytes(4)]
+    huge = bytearray(one); huge[off - 4:off] = (2 ** 32 - 1).to_bytes(4, 'little')    # a damaged stream length
+    damaged.append(bytes(huge))
     rng = np.random.default_rng(0)
     for bit in rng.choice(np.arange(8 * off, 8 * len(one)), 64, replace=False):
         b = bytearray(one); b[bit // 8] ^= 1 << (bit % 8); damaged.append(bytes(b))

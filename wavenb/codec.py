@@ -153,21 +153,24 @@ class AnsDecoder:
     def __init__(self, streams: list[np.ndarray], lengths=None):
         self.avail = np.array([len(s) for s in streams], np.int64)
         self.len = self.avail if lengths is None else np.asarray(lengths, np.int64)
-        full = [np.concatenate([s, np.zeros(n - len(s), np.uint32)]) for s, n in zip(streams, self.len)]
         if (self.avail == 0).any(): raise CodecError('truncated stream: a stream has no words')
+        # a cut stream gets two zero words after its end (not its full length: the header may be damaged)
+        self.size = np.minimum(self.len, self.avail + 2)
+        full = [np.concatenate([s, np.zeros(n - len(s), np.uint32)]) for s, n in zip(streams, self.size)]
         try: self.coders = [constriction.stream.stack.AnsCoder(np.ascontiguousarray(s[::-1], np.uint32)) for s in full]
         except ValueError as e: raise CodecError(f'corrupted stream: {e}') from None
 
     @property
     def pos(self) -> np.ndarray:
         "Words read so far (into the state or past it), per stream: the prefix of each stream decoding has needed."
-        return self.len - np.array([c.pos()[0] for c in self.coders])
+        return self.size - np.array([c.pos()[0] for c in self.coders])
 
     def band(self, tab, n: int, lo: int, hi: int) -> np.ndarray:
         "Pop one band's symbols (S, n) from the first `n` streams, given the band's mixture tables."
         z = np.zeros((tab[0].shape[1], n), np.int64)
         for k in range(n): z[:, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi)) + lo
-        if (self.pos[:n] > self.avail[:n]).any(): raise CodecError('truncated stream: it ends before the last symbol was decoded')
+        if (self.pos[:n] > self.avail[:n]).any():
+            raise CodecError('truncated stream: it ends before the last symbol was decoded')
         return z
 
     def done(self) -> np.ndarray:
@@ -263,7 +266,8 @@ def compress(model: WaveletFlow, images: Tensor, streams: int = 64, coder: str =
     lo, hi = _symbol_range(coded)
     st = (_ans_encode if coder == 'constriction' else _rans_encode)(coded, G, lo, hi)
     body = struct.pack(f'<{G}I', *map(len, st)) + b''.join(s.astype('<u4').tobytes() for s in st)
-    head = HEADER.pack(MAGIC, VERSION, CODERS.index(coder), mode, C, H, W, images.shape[0], m.n_levels(H, W), mid, lo, hi, G)
+    head = HEADER.pack(MAGIC, VERSION, CODERS.index(coder), mode, C, H, W, images.shape[0], m.n_levels(H, W), mid,
+                       lo, hi, G)
     return head + struct.pack('<I', zlib.crc32(body)) + body
 
 # %% ../nbs/41_codec.ipynb #9ee12ab3
@@ -280,8 +284,8 @@ def read_header(data: bytes) -> dict:
     off = HEADER.size + 4 + 4 * G
     if len(data) < off: raise CodecError(f'truncated stream: {len(data)} bytes, the header needs {off}')
     lens = struct.unpack_from(f'<{G}I', data, HEADER.size + 4)
-    return dict(coder=CODERS[coder], mode=mode, channels=C, H=H, W=W, N=N, levels=levels, model_id=mid, lo=lo, hi=hi, G=G, lengths=lens,
-                offset=off, crc=struct.unpack_from('<I', data, HEADER.size)[0])
+    return dict(coder=CODERS[coder], mode=mode, channels=C, H=H, W=W, N=N, levels=levels, model_id=mid, lo=lo, hi=hi,
+                G=G, lengths=lens, offset=off, crc=struct.unpack_from('<I', data, HEADER.size)[0])
 
 # %% ../nbs/41_codec.ipynb #76ff315d
 def _stream_words(data: bytes, h: dict) -> list[np.ndarray]:
@@ -343,7 +347,8 @@ def decompress(model: WaveletFlow, data: bytes, progress=None, check: bool = Tru
     "Decode `compress`'s bytes back to the uint8 images. `progress(level, images, words)`: called after each level."
     h = read_header(data)
     if h['model_id'] != (mid := model_id(model)):
-        raise CodecError(f"this stream was written with another model (id {h['model_id'].hex()}, this model is {mid.hex()})")
+        raise CodecError(f"this stream was written with another model (id {h['model_id'].hex()}, "
+                         f"this model is {mid.hex()})")
     need = h['offset'] + 4 * sum(h['lengths'])
     if check:
         if len(data) < need: raise CodecError(f'truncated stream: {len(data)} bytes, expected {need}')

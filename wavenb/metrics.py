@@ -66,10 +66,11 @@ def _as_unit_float(x: Tensor) -> Tensor:
 # %% ../nbs/03_metrics.ipynb #1f0b7866
 class InceptionFeatures(nn.Module):
     """Images (uint8, or float in [0, 1]) -> 2048-d Inception pool features of the standard FID network; `precision`
-    'bf16' runs it under bfloat16 autocast (its statistics are cached apart from float32's)."""
+    'bf16' (default: $WAVENB_FID_PRECISION, else 'fp32') runs it under bfloat16 autocast, its statistics cached apart."""
     num_features = 2048
-    def __init__(self, weights=None, precision: str = 'fp32'):
+    def __init__(self, weights=None, precision: str | None = None):
         super().__init__()
+        precision = precision or os.environ.get('WAVENB_FID_PRECISION', 'fp32')
         if precision not in ('fp32', 'bf16'): raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         path = fid_weights_path(weights)
         if path is None:
@@ -124,7 +125,8 @@ class _Identity(nn.Module):
 class FIDKID:
     "FID and KID between a reference image set and generated images, sharing one feature pass."
     def __init__(self, net: nn.Module | None = None, weights=None, device='cpu', batch_size: int = 250,
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, max_kid_real: int = 10_000, precision: str = 'fp32'):
+                 kid_subsets: int = 100, kid_subset_size: int = 1000, max_kid_real: int = 10_000,
+                 precision: str | None = None):
         self.net = (net or InceptionFeatures(weights, precision)).to(device).eval()
         self.device, self.bs, self.max_kid_real = torch.device(device), batch_size, max_kid_real
         d = self.net.num_features
