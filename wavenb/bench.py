@@ -279,6 +279,7 @@ def _time_rans(z, f, cum) -> dict:
         dec.advance(cum[t, idx, s], f[t, idx, s], G)
     return dict(encode_s=t1 - t0, decode_s=time.perf_counter() - t1, bits=32 * sum(map(len, streams)))
 
+# %% ../nbs/60_cpu_speed.ipynb #19806c86
 def _time_constriction(z, f) -> dict:
     "constriction's AnsCoder, one per stream, each stream one call: encode, decode, bits; checked like `_time_rans`."
     p = [np.ascontiguousarray(f[:, k] / M) for k in range(z.shape[1])]
@@ -312,6 +313,7 @@ def _coder_rows(S: int, streams: tuple[int, ...], A: int) -> list[dict]:
         rows.append(r)
     return rows
 
+# %% ../nbs/60_cpu_speed.ipynb #300b81f7
 @one_thread()
 def _image_rows(images: torch.Tensor, reps: int = 3) -> list[dict]:
     "The flow codec, one image per file, with each coder: median ms per image to compress and to decompress, bytes."
@@ -322,9 +324,12 @@ def _image_rows(images: torch.Tensor, reps: int = 3) -> list[dict]:
         enc, dec, size = [], [], []
         for im in images:
             for _ in range(reps):
-                t0 = time.perf_counter(); data = compress(model, im[None], streams=1, coder=coder)
-                t1 = time.perf_counter(); back = decompress(model, data)
-                dec.append(time.perf_counter() - t1); enc.append(t1 - t0)
+                t0 = time.perf_counter()
+                data = compress(model, im[None], streams=1, coder=coder)
+                t1 = time.perf_counter()
+                back = decompress(model, data)
+                enc.append(t1 - t0)
+                dec.append(time.perf_counter() - t1)
             if not torch.equal(back, im[None]): raise AssertionError(f'{coder}: the image did not come back')
             size.append(len(data))
         rows.append(dict(what=f'flow codec, one {tuple(images.shape[1:])} image per file', coder=coder,
@@ -469,6 +474,8 @@ def add_cli(cmds: dict):
     add_command(cmds['bench'], 'cpu', bench_cpu, help='training speed of every model family on this CPU, by mode')
     add_command(cmds['bench'], 'transforms', bench_transforms,
                 help='wavelet transform round trips: wavenb vs ptwt and pytorch_wavelets')
-    add_command(cmds['bench'], 'coders', bench_coders, help="the course's rANS vs constriction, alone and in the flow codec")
-    add_command(cmds['bench'], 'fid', bench_fid, help='FID features in float32 vs bfloat16: the change of FID, and the speed')
+    add_command(cmds['bench'], 'coders', bench_coders,
+                help="the course's rANS vs constriction, alone and in the flow codec")
+    add_command(cmds['bench'], 'fid', bench_fid,
+                help='FID features in float32 vs bfloat16: the change of FID, and the speed')
 

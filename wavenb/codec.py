@@ -165,18 +165,22 @@ class AnsDecoder:
         "Words read so far (into the state or past it), per stream: the prefix of each stream decoding has needed."
         return self.size - np.array([c.pos()[0] for c in self.coders])
 
-    def band(self, tab, n: int, lo: int, hi: int) -> np.ndarray:
-        "Pop one band's symbols (S, n) from the first `n` streams, given the band's mixture tables."
-        z = np.zeros((tab[0].shape[1], n), np.int64)
-        for k in range(n): z[:, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi)) + lo
-        if (self.pos[:n] > self.avail[:n]).any():
-            raise CodecError('truncated stream: it ends before the last symbol was decoded')
-        return z
+# %% ../nbs/41_codec.ipynb #71b12d81
+@patch
+def band(self: AnsDecoder, tab, n: int, lo: int, hi: int) -> np.ndarray:
+    "Pop one band's symbols (S, n) from the first `n` streams, given the band's mixture tables."
+    z = np.zeros((tab[0].shape[1], n), np.int64)
+    for k in range(n): z[:, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi)) + lo
+    if (self.pos[:n] > self.avail[:n]).any():
+        raise CodecError('truncated stream: it ends before the last symbol was decoded')
+    return z
 
-    def done(self) -> np.ndarray:
-        "Which streams ended where their encoder began: every word read, the state back at `ANS_START`."
-        start = (0, int(ANS_START[1]) << 32 | int(ANS_START[0]))
-        return np.array([c.pos() == start for c in self.coders]) & (self.avail == self.len)
+# %% ../nbs/41_codec.ipynb #4fe27e8c
+@patch
+def done(self: AnsDecoder) -> np.ndarray:
+    "Which streams ended where their encoder began: every word read, the state back at `ANS_START`."
+    start = (0, int(ANS_START[1]) << 32 | int(ANS_START[0]))
+    return np.array([c.pos() == start for c in self.coders]) & (self.avail == self.len)
 
 # %% ../nbs/41_codec.ipynb #ba8aa458
 # magic, version, coder, image mode, model channels, H, W, N, levels, model id, lo, hi, G

@@ -455,7 +455,8 @@ class EvalCB(Callback):
     def _run(self):
         L = self.learn
         model = L.ema_model if self.use_ema and L.ema_model is not None else L.raw_model
-        with keep_rng(): r = dict(step=L.step, train_time_s=round(L.train_time, 2), **L.evaluate(model, metrics=self.metrics))
+        with keep_rng(): e = L.evaluate(model, metrics=self.metrics)
+        r = dict(step=L.step, train_time_s=round(L.train_time, 2), **e)
         L.history.setdefault('eval', []).append(r)
         L.last_eval = r
         if L.is_main:
@@ -642,7 +643,8 @@ class ResultsCB(Callback):
     def after_fit(self):
         L = self.learn
         if not L.is_main: return
-        last_eval = {k: v for k, v in L.last_eval.items() if k not in EVAL_KEYS} if getattr(L, 'last_eval', None) else {}
+        last = getattr(L, 'last_eval', None) or {}
+        last_eval = {k: v for k, v in last.items() if k not in EVAL_KEYS}
         metrics = dict(final_loss=float(np.mean(L.history['loss'][-50:])) if L.history['loss'] else None, **last_eval)
         if self.metrics_fn is not None: metrics.update(self.metrics_fn(L))
         self.out.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ def _as_unit_float(x: Tensor) -> Tensor:
 # %% ../nbs/03_metrics.ipynb #1f0b7866
 class InceptionFeatures(nn.Module):
     """Images (uint8, or float in [0, 1]) -> 2048-d Inception pool features of the standard FID network; `precision`
-    'bf16' (default: $WAVENB_FID_PRECISION, else 'fp32') runs it under bfloat16 autocast, its statistics cached apart."""
+    'bf16' (default: $WAVENB_FID_PRECISION, else 'fp32') runs it under bfloat16 autocast (its statistics are cached
+    apart)."""
     num_features = 2048
     def __init__(self, weights=None, precision: str | None = None):
         super().__init__()
@@ -93,7 +94,7 @@ class InceptionFeatures(nn.Module):
         if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == 'bf16'):
             if self.uint8_input: return self.net(to_uint8(x)).reshape(len(x), -1).float()
-            # pytorch-fid's input: $[0, 1] \to [-1, 1]$, then a bilinear resize to 299x299 (channels-last: faster on CPU)
+            # pytorch-fid's input: $[0, 1] \to [-1, 1]$, a bilinear resize to 299x299 (channels-last: faster on CPU)
             x = F.interpolate(x * 2 - 1, size=(299, 299), mode='bilinear', align_corners=False)
             return self.net(x.contiguous(memory_format=torch.channels_last)).float()
 

@@ -503,8 +503,8 @@ def classifier_data(data: str, split: str | None, test_data: str | None, size: i
     return ds, train, valid, test
 
 # %% ../nbs/30_wmsa.ipynb #0e981d9a
-MODEL_OPTIONS = ('kind', 'model_size', 'dim', 'depth', 'heads', 'mlp_ratio', 'levels', 'wavelet', 'overcomplete', 'll_pool', 'patch',
-                 'kernel', 'radius', 'vit_patch', 'drop_path', 'size')
+MODEL_OPTIONS = ('kind', 'model_size', 'dim', 'depth', 'heads', 'mlp_ratio', 'levels', 'wavelet', 'overcomplete',
+                 'll_pool', 'patch', 'kernel', 'radius', 'vit_patch', 'drop_path', 'size')
 RECIPE_OPTIONS = ('steps', 'minutes', 'batch_size', 'lr', 'warmup', 'weight_decay', 'label_smoothing', 'policy', 'mix',
                   'ema')
 
