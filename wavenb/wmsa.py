@@ -342,7 +342,8 @@ def _level_grid(tok: WaveletTokenizer, w: Tensor, level: int) -> Tensor:
 
 # %% ../nbs/30_wmsa.ipynb #0c7a3be2
 def plot_attention(model: WaveletTransformer, image: Tensor, point=None, block: int = -1, path=None, title: str = ''):
-    "Attention of the H-detail token at `point` (pixels) at each level (rows) over the tokens of each level (columns)."
+    """Attention of the H-detail token at `point` (pixels) at each level (rows) over the tokens of each level (columns),
+    on one colour scale per row."""
     tok, J = model.tok, model.tok.levels
     point = torch.tensor(point if point is not None else [tok.size / 2 - 0.5] * 2)
     w = attention_weights(model, image[None].to(tok.pos.device), block)[0].float().cpu()
@@ -357,8 +358,10 @@ def plot_attention(model: WaveletTransformer, image: Tensor, point=None, block: 
         box = plt.Rectangle((pos[qi, 1] - s / 2 - .5, pos[qi, 0] - s / 2 - .5), s, s, fill=False, ec='r', lw=1.5)
         axs[r, 0].add_patch(box)
         axs[r, 0].set_title(f'query: H, level {jq}', fontsize=8)
+        grids = [_level_grid(tok, w[qi], jk) for jk in range(J, 0, -1)]
+        top = max(g.max().item() for g in grids)               # one colour scale per row: a 1x1 grid is not black
         for c, jk in enumerate(range(J, 0, -1)):
-            axs[r, c + 1].imshow(_level_grid(tok, w[qi], jk), cmap='magma')
+            axs[r, c + 1].imshow(grids[c], cmap='magma', vmin=0, vmax=top)
             axs[r, c + 1].set_title(f'keys level {jk}: {w[qi, level == jk].sum():.2f}', fontsize=8)
     for ax in axs.flat:
         ax.set_xticks([])
