@@ -27,8 +27,8 @@ __all__ = ['ORIENTATIONS', 'SIZES', 'CLAIMED_PARAMS', 'MODEL_OPTIONS', 'RECIPE_O
            'log_kernel_mask', 'WaveletKernel', 'Attention', 'Block', 'WaveletTransformer', 'ViT', 'n_params',
            'attention_weights', 'plot_attention', 'AugCollate', 'MixCB', 'adamw_groups', 'count_flops',
            'inference_throughput', 'build_classifier', 'classifier_report', 'classifier_data', 'classifier_config',
-           'classifier_callbacks', 'classifier_learner', 'train_classifier', 'load_classifier', 'eval_classifier',
-           'results_table', 'add_cli', 'plot_curves']
+           'classifier_callbacks', 'classifier_learner', 'train_classifier', 'load_classifier', 'kernel_summary',
+           'eval_classifier', 'results_table', 'add_cli', 'plot_curves']
 
 # %% ../nbs/30_wmsa.ipynb #259b2923
 ORIENTATIONS = ('A', 'H', 'V', 'D')   # LL, LH (pywt cH), HL (cV), HH (cD): the index along dwt2_stacked's band axis
@@ -588,6 +588,14 @@ def load_classifier(ckpt, device='cpu') -> tuple[nn.Module, dict]:
     run kept them, else the final ones."""
     return load_model(ckpt, build_classifier, 'wavenb train wmsa/vit', device=device)
 
+# %% ../nbs/30_wmsa.ipynb #7d610ef2
+def kernel_summary(model: WaveletTransformer) -> dict | None:
+    """What the PSD kernels learned, per block: the scale length $\ell$ of each head, and the orientation Gram matrix
+    (LL, H, V, D) averaged over heads. None without kernels."""
+    if model.kernels is None: return None
+    return dict(scale_length=[k.log_length.exp().tolist() for k in model.kernels],
+                orient_gram=[k.orient_gram().mean(0).tolist() for k in model.kernels])
+
 # %% ../nbs/30_wmsa.ipynb #424253fb
 @torch.no_grad()
 def eval_classifier(
@@ -615,6 +623,10 @@ def eval_classifier(
         correct += (logits.argmax(-1) == y).sum().item()
         tot += F.cross_entropy(logits, y, reduction='sum').item()
     r = dict(kind=cfg['kind'], acc=correct / len(ds), loss=tot / len(ds), images=len(ds), data=ds.name)
+    if out and cfg['kind'] == 'wmsa':                  # what its kernels learned, and where one image's tokens look
+        r['kernel'] = kernel_summary(model)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plt.close(plot_attention(model, to_float(ds.images[0], 'symmetric'), path=Path(out) / 'attention.png'))
     if out: write_metrics(out, r, device=device, checkpoint=str(ckpt))
     return r
 
