@@ -5,6 +5,7 @@
 # %% ../nbs/30_wmsa.ipynb #7339828c
 from __future__ import annotations
 import functools, inspect, json, math, time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 import torch
@@ -206,7 +207,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         q, k, v = self._qkv(x)
         # $\mathrm{softmax}\big(QK^\top / \sqrt{d} + \log K\big)\, V$: SDPA adds the float mask to the scaled logits
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        # bfloat16 on a CPU: the math kernel (without a mask SDPA picks a fused one, much slower there)
+        math_kernel = q.device.type == 'cpu' and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+        with sdpa_kernel([SDPBackend.MATH]) if math_kernel else nullcontext():
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         # the heads side by side, then $W_O$
         return self.proj(o.transpose(1, 2).flatten(2))
 
