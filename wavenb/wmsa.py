@@ -23,10 +23,10 @@ from .metrics import accuracy, dataset_info, write_metrics
 from .run import load_source, holdout_split, run_callbacks, load_model, add_command
 
 # %% auto #0
-__all__ = ['ORIENTATIONS', 'SIZES', 'CLAIMED_PARAMS', 'MODEL_OPTIONS', 'RECIPE_OPTIONS', 'WMSA_ONLY', 'token_bands',
-           'token_count', 'token_layout', 'WaveletTokenizer', 'sinusoidal_2d', 'ScaleAwarePE', 'box_overlap',
-           'log_kernel_mask', 'WaveletKernel', 'Attention', 'Block', 'WaveletTransformer', 'ViT', 'n_params',
-           'attention_weights', 'plot_attention', 'AugCollate', 'MixCB', 'adamw_groups', 'count_flops',
+__all__ = ['ORIENTATIONS', 'POSITIONS', 'SIZES', 'CLAIMED_PARAMS', 'MODEL_OPTIONS', 'RECIPE_OPTIONS', 'WMSA_ONLY', 'token_bands',
+           'token_count', 'token_layout', 'WaveletTokenizer', 'sinusoidal_2d', 'ScaleAwarePE', 'LearnedPE',
+           'box_overlap', 'log_kernel_mask', 'WaveletKernel', 'Attention', 'Block', 'WaveletTransformer', 'ViT',
+           'n_params', 'attention_weights', 'plot_attention', 'AugCollate', 'MixCB', 'adamw_groups', 'count_flops',
            'inference_throughput', 'build_classifier', 'classifier_report', 'classifier_data', 'classifier_config',
            'classifier_callbacks', 'classifier_learner', 'train_classifier', 'load_classifier', 'kernel_summary',
            'eval_classifier', 'results_table', 'add_cli', 'plot_curves']
@@ -147,6 +147,18 @@ class ScaleAwarePE(nn.Module):
 
     # $\mathrm{PE}_i = e_{j_i} + e_{\xi_i} + \mathrm{sinusoid}(p_i)$
     def forward(self) -> Tensor: return self.scale(self.level) + self.orientation(self.orient) + self.spatial
+
+# %% ../nbs/30_wmsa.ipynb #701c1d0a
+POSITIONS = ('scale', 'learned')   # ScaleAwarePE, or LearnedPE (the ablation)
+
+class LearnedPE(nn.Module):
+    "One learned vector per token (the ViT's position table): `(N, dim)`."
+    def __init__(self, n: int, dim: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(n, dim) * 0.02)
+
+    # $\mathrm{PE}_i = P_i$, a free row per token
+    def forward(self) -> Tensor: return self.table
 
 # %% ../nbs/30_wmsa.ipynb #83b438ef
 def box_overlap(pos: Tensor, stride: Tensor, radius: float) -> Tensor:
@@ -280,11 +292,13 @@ class WaveletTransformer(_Classifier):
     def __init__(self, n_classes: int = 10, size: int = 32, channels: int = 3, levels: int = 3, wavelet: str = 'haar',
                  overcomplete: bool = False, ll_pool: int | None = None, patch: int = 1, dim: int = 96,
                  depth: int = 4, heads: int = 3, mlp_ratio: float = 4.0, kernel: bool = True, radius: float = 3.0,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, positions: str = 'scale'):
         super().__init__()
+        if positions not in POSITIONS: raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}')
         self.tok = WaveletTokenizer(size, levels, wavelet, overcomplete, ll_pool, patch, channels)
         self.embed = nn.ModuleList(nn.Linear(f, dim) for f in self.tok.features)
-        self.pe = ScaleAwarePE(self.tok.level, self.tok.orient, self.tok.pos, dim, size)
+        self.pe = (ScaleAwarePE(self.tok.level, self.tok.orient, self.tok.pos, dim, size) if positions == 'scale'
+                   else LearnedPE(len(self.tok), dim))
         self._blocks(dim, depth, heads, mlp_ratio, drop_path, n_classes)
         self.kernels = nn.ModuleList(WaveletKernel(heads) for _ in range(depth)) if kernel else None
         log_spatial = log_kernel_mask(self.tok.pos, self.tok.stride, radius)
@@ -469,7 +483,7 @@ def build_classifier(cfg: dict) -> nn.Module:
     if cfg['kind'] == 'vit': return ViT(patch=cfg['vit_patch'], **common)
     if cfg['kind'] == 'wmsa':
         wavelet = {k: cfg[k] for k in ('levels', 'wavelet', 'overcomplete', 'll_pool', 'patch', 'kernel', 'radius')}
-        return WaveletTransformer(**wavelet, **common)
+        return WaveletTransformer(**wavelet, **common, positions=cfg.get('positions', 'scale'))
     raise ValueError(f"model kind must be 'wmsa' or 'vit', got {cfg['kind']!r}")
 
 # %% ../nbs/30_wmsa.ipynb #207a0ffa
@@ -511,7 +525,7 @@ def classifier_data(data: str, split: str | None, test_data: str | None, size: i
 
 # %% ../nbs/30_wmsa.ipynb #0e981d9a
 MODEL_OPTIONS = ('kind', 'model_size', 'dim', 'depth', 'heads', 'mlp_ratio', 'levels', 'wavelet', 'overcomplete',
-                 'll_pool', 'patch', 'kernel', 'radius', 'vit_patch', 'drop_path', 'size')
+                 'll_pool', 'patch', 'kernel', 'radius', 'positions', 'vit_patch', 'drop_path', 'size')
 RECIPE_OPTIONS = ('steps', 'minutes', 'batch_size', 'lr', 'warmup', 'weight_decay', 'label_smoothing', 'policy', 'mix',
                   'ema')
 
@@ -559,6 +573,7 @@ def train_classifier(
     patch: int = 1,  # group P x P coefficient positions of a band into one token (1: one token per coefficient)
     kernel: bool = True,  # use the PSD attention kernel (without it: plain attention over wavelet tokens, the ablation)
     radius: float = 3.0,  # spatial window side, in strides of each token
+    positions: Literal['scale', 'learned'] = 'scale',  # scale-aware positional encoding, or a learned table (ablation)
     vit_patch: int = 4,  # patch size of the ViT (train vit, or the --compare-vit baseline)
     drop_path: float = 0.1,  # stochastic depth of the last block (from 0 at the first)
     steps: int = 2000, minutes: float | None = None, batch_size: int = 128, lr: float = 1e-3, warmup: int = 100,
@@ -639,7 +654,8 @@ def _run_name(c: dict) -> str:
     "The model of a run in words, from its configuration."
     if c['kind'] == 'vit': return f"ViT {_model_size(c)}, patch {c['vit_patch']}"
     return (f"W-MSA {_model_size(c)}, {c['wavelet']} J={c['levels']}" + (', overcomplete' if c['overcomplete'] else '')
-            + ('' if c['kernel'] else ', no kernel') + (f", patch {c['patch']}" if c['patch'] > 1 else ''))
+            + ('' if c['kernel'] else ', no kernel')
+            + (', learned positions' if c.get('positions') == 'learned' else '') + (f", patch {c['patch']}" if c['patch'] > 1 else ''))
 
 def results_table(folders) -> str:
     "A markdown table of the metrics.json files in `folders` (one row per run)."
@@ -684,7 +700,7 @@ def _command(fn, fixed: dict, **defaults):
 
 # %% ../nbs/30_wmsa.ipynb #a6f2b8e3
 # the options of W-MSA that the ViT does not have
-WMSA_ONLY = ('levels', 'wavelet', 'overcomplete', 'll_pool', 'patch', 'kernel', 'radius', 'compare_vit')
+WMSA_ONLY = ('levels', 'wavelet', 'overcomplete', 'll_pool', 'patch', 'kernel', 'radius', 'positions', 'compare_vit')
 
 def add_cli(cmds: dict):
     """Add `wavenb train wmsa|vit` and `wavenb eval wmsa|vit`: their options are `train_classifier`'s and
