@@ -6,8 +6,8 @@ from wavenb.data import load_images
 import torch.nn.functional as F
 from wavenb.flow import WaveletFlow, save_flow, load_flow
 from wavenb.codec import (RansEncoder, RansDecoder, M, quantised_cdf, mixture_tables, compress, decompress, theoretical_bits,
-                          progressive, read_header, CodecError, HEADER, upsample, super_resolution, coded_subset, baseline_bytes,
-                          flow_report, evaluate_flow, train_flow, load_flow_run, model_id)
+                          progressive, read_header, CodecError, upsample, super_resolution, coded_subset, baseline_bytes,
+                          flow_report, evaluate_flow, train_flow, load_flow_run, model_id, _header, _crc, MAX_VALUES)
 from wavenb.run import SHARED
 
 def small_flow(C=3, seed=0, std=0.05):
@@ -75,9 +75,10 @@ def test_bad_streams_raise_clear_errors(crops, tmp_path):
     data = compress(m, crops[:2], streams=2)
     with pytest.raises(CodecError, match='not a wavenb flow stream'): decompress(m, b'GIF89a' + bytes(64))
     with pytest.raises(CodecError, match='not a wavenb flow stream'): decompress(m, b'')
-    for cut in (10, HEADER.size + 6, len(data) // 2, len(data) - 1):
+    off = read_header(data)['offset']
+    for cut in (3, 10, off - 2, off + 6, len(data) // 2, len(data) - 1):
         with pytest.raises(CodecError, match='truncated'): decompress(m, data[:cut])
-    for pos in (HEADER.size + 12, len(data) // 2, len(data) - 3):
+    for pos in (off - 1, off + 12, len(data) // 2, len(data) - 3):
         bad = bytearray(data); bad[pos] ^= 0x10
         with pytest.raises(CodecError, match='corrupted'): decompress(m, bytes(bad))
     with pytest.raises(CodecError, match='another model'): decompress(small_flow(3, seed=1), data)
@@ -119,6 +120,13 @@ def test_cli_compress_decompress_and_errors(tmp_path, crops, capsys):
     assert rc == 2 and 'not a wavenb flow stream' in err
     rc, err = cli(capsys, 'compress', rgb, tmp_path / 'z.wnb', '--weights', tmp_path / 'none.pt')
     assert rc == 2 and 'no flow model weights' in err
+    (tmp_path / 'imgs' / 'deep').mkdir(parents=True)                   # a folder, with a subfolder
+    Image.fromarray(crops[2].permute(1, 2, 0).numpy()).save(tmp_path / 'imgs' / 'a.png')
+    Image.fromarray(crops[3, 0].numpy()).save(tmp_path / 'imgs' / 'deep' / 'b.png')
+    assert cli(capsys, 'compress', tmp_path / 'imgs', tmp_path / 'wnb', '--weights', model)[0] == 0
+    assert cli(capsys, 'decompress', tmp_path / 'wnb', tmp_path / 'back', '--weights', model)[0] == 0
+    for f in ('a.png', 'deep/b.png'):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / 'imgs' / f)), np.asarray(Image.open(tmp_path / 'back' / f)))
     Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / 'rgba.png')
     rc, err = cli(capsys, 'compress', tmp_path / 'rgba.png', tmp_path / 'z.wnb', '--weights', model)
     assert rc == 2 and "mode 'RGBA'" in err
@@ -229,8 +237,9 @@ def test_damaged_streams_never_decode_to_a_wrong_image_unchecked(crops, coder):
     one = compress(m, crops[:1], streams=1, coder=coder)
     off = read_header(one)['offset']
     damaged = [one[:cut] for cut in range(off, len(one), 4)] + [one + bytes(4)]
-    huge = bytearray(one); huge[off - 4:off] = (2 ** 32 - 1).to_bytes(4, 'little')    # a damaged stream length
-    damaged.append(bytes(huge))
+    h = read_header(one)
+    head = _header(coder, 3, 3, h['H'], h['W'], 1, 1, h['lo'], h['hi'], model_id(m), [2 ** 32 - 1])   # a damaged length
+    damaged.append(bytes(head) + one[off - 4:])
     rng = np.random.default_rng(0)
     for bit in rng.choice(np.arange(8 * off, 8 * len(one)), 64, replace=False):
         b = bytearray(one); b[bit // 8] ^= 1 << (bit % 8); damaged.append(bytes(b))
@@ -238,3 +247,42 @@ def test_damaged_streams_never_decode_to_a_wrong_image_unchecked(crops, coder):
         try: out = decompress(m, d, check=False)
         except CodecError: continue
         assert torch.equal(out, crops[:1])
+
+def _refit(data: bytes, mid: bytes, **fields) -> bytes:
+    "`data` with header fields replaced and a valid CRC: what a crafted file can claim."
+    h = read_header(data)
+    v = dict(h, **fields)
+    head = _header(v['coder'], v['mode'], v['channels'], v['H'], v['W'], v['N'], v['G'], v['lo'], v['hi'], mid, v['lengths'])
+    body = data[h['offset']:]
+    return bytes(head) + _crc(mid, head, body).to_bytes(4, 'little') + body
+
+@pytest.mark.parametrize('coder', ['rans', 'constriction'])
+def test_fuzzed_files_give_an_error_or_the_exact_images(crops, coder):
+    """Every cut, every header bit flipped, 64 body bits flipped, random bodies, appended bytes, and crafted headers with
+    a valid CRC (huge counts): a CodecError or the exact images, never a wrong image, quickly and in little memory."""
+    import time, tracemalloc
+    m, x = small_flow(3), crops[:2]
+    mid = model_id(m)
+    data = compress(m, x, streams=2, coder=coder)
+    off = read_header(data)['offset']
+    rng = np.random.default_rng(1)
+    cases = [data[:cut] for cut in range(len(data))]
+    for bit in list(range(8 * off)) + list(rng.choice(np.arange(8 * off, 8 * len(data)), 64, replace=False)):
+        b = bytearray(data); b[bit // 8] ^= 1 << (bit % 8); cases.append(bytes(b))
+    cases += [data[:off] + rng.bytes(len(data) - off) for _ in range(8)]
+    cases += [data + b'\x00', data + bytes(4), data + rng.bytes(100)]
+    cases += [_refit(data, mid, N=n) for n in (3, 1000, MAX_VALUES // (3 * 16 * 16))]     # more images than coded
+    cases += [_refit(data, mid, G=1, lengths=[sum(read_header(data)['lengths'])])]     # the two streams as one
+    cases += [_refit(data, mid, mode=1), _refit(data, mid, H=15), _refit(data, mid, lo=read_header(data)['lo'] + 1)]
+    wrong, slowest = 0, 0.
+    tracemalloc.start()
+    for d in cases:
+        t = time.perf_counter()
+        try: out = decompress(m, d)
+        except CodecError: out = None
+        slowest = max(slowest, time.perf_counter() - t)
+        wrong += out is not None and not torch.equal(out, x)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert wrong == 0 and len(cases) > 8 * off + 64
+    assert slowest < 2 and peak < 50e6, (slowest, peak)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from PIL import Image as PILImage
+from tqdm.auto import tqdm
 from torch import Tensor
 from .flow import (WaveletFlow, WaveletFlowTransform, IntCollate, bpd_loss, irct, level_sizes, load_flow,
                          save_flow, ll_grid, plot_filters)
@@ -21,13 +22,14 @@ from .metrics import psnr, ssim, save_grid, read_results, provenance
 from .run import load_source, train_test, run_callbacks, load_model, add_command
 
 # %% auto #0
-__all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'ANS_START', 'HEADER', 'MAGIC', 'VERSION', 'CODERS', 'FLOW_KEYS',
-           'PUBLISHED_BPD_CIFAR10', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables', 'mixture_cdf',
-           'quantised_cdf', 'pmf_rows', 'AnsDecoder', 'model_id', 'one_thread', 'symbols', 'compress', 'read_header',
-           'decompress', 'theoretical_bits', 'll_to_image', 'progressive', 'plot_progressive', 'baseline_bytes',
-           'cubic_kernel', 'upsample_matrix', 'upsample', 'super_resolution', 'plot_sr', 'coded_subset',
-           'coding_metrics', 'evaluate_flow', 'build_flow', 'load_flow_run', 'train_flow', 'read_image',
-           'compress_file', 'decompress_file', 'add_cli', 'flow_report']
+__all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'PMF_ENTRIES', 'ANS_START', 'MAGIC', 'VERSION', 'CODERS', 'MAX_SIDE',
+           'MAX_VALUES', 'MAX_ROUND', 'MAX_STREAMS', 'MAX_RANGE', 'FLOW_KEYS', 'PUBLISHED_BPD_CIFAR10',
+           'IMAGE_SUFFIXES', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables', 'mixture_cdf',
+           'quantised_cdf', 'pmf_rows', 'AnsDecoder', 'put_varint', 'get_varint', 'zigzag', 'unzigzag', 'model_id',
+           'one_thread', 'symbols', 'compress', 'read_header', 'decompress', 'theoretical_bits', 'll_to_image',
+           'progressive', 'plot_progressive', 'baseline_bytes', 'cubic_kernel', 'upsample_matrix', 'upsample',
+           'super_resolution', 'plot_sr', 'coded_subset', 'coding_metrics', 'evaluate_flow', 'build_flow',
+           'load_flow_run', 'train_flow', 'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report']
 
 # %% ../nbs/41_codec.ipynb #28a56b1d
 PREC, RANS_L = 24, 1 << 31
@@ -126,14 +128,21 @@ def quantised_cdf(i: np.ndarray, tables, lo: int, hi: int) -> np.ndarray:
 
 # %% ../nbs/41_codec.ipynb #690a8700
 CATEGORICAL = constriction.stream.model.Categorical(perfect=False)   # probabilities given per symbol, at coding time
+PMF_ENTRIES = 1 << 22            # probabilities handed to constriction per call, at most (32 MB of float64)
 
-def pmf_rows(tab, k: int, lo: int, hi: int) -> np.ndarray:
-    "Probabilities (S, A) of the values lo..hi for each of a band's S variables, image `k` of its tables (K, S, N)."
-    w, mu, inv_s = (a[:, :, k, None] for a in tab)
+def pmf_rows(tab, k: int, lo: int, hi: int, rows: slice = slice(None)) -> np.ndarray:
+    """Probabilities (S, A) of the values lo..hi for the band variables `rows` (default: all S), image `k` of its
+    tables (K, S, N)."""
+    w, mu, inv_s = (a[:, rows, k, None] for a in tab)
     # p(i) = F(i + 1/2) - F(i - 1/2), with F(lo - 1/2) = 0 and F(hi + 1/2) = 1
     F = mixture_cdf(np.arange(lo, hi + 2) - 0.5, w, mu, inv_s)
     F[:, 0], F[:, -1] = 0., 1.
     return np.diff(F, axis=1)
+
+def _blocks(S: int, A: int) -> list[slice]:
+    "A band's S variables in blocks of at most `PMF_ENTRIES` probabilities (memory bounded whatever the range A)."
+    r = max(1, PMF_ENTRIES // A)
+    return [slice(s, min(s + r, S)) for s in range(0, S, r)]
 
 # %% ../nbs/41_codec.ipynb #cd669dec
 ANS_START = np.array([0x6A09E667, 0xBB67AE85], np.uint32)    # the stacks' starting state, 0xBB67AE85_6A09E667
@@ -144,7 +153,8 @@ def _ans_encode(coded: list, G: int, lo: int, hi: int) -> list[np.ndarray]:
     for bands in reversed(coded):
         for z, tab in reversed(bands):
             for k in range(z.shape[1]):
-                coders[k].encode_reverse((z[:, k] - lo).astype(np.int32), CATEGORICAL, pmf_rows(tab, k, lo, hi))
+                for r in reversed(_blocks(len(z), hi - lo + 1)):      # the last block first, as one call would
+                    coders[k].encode_reverse((z[r, k] - lo).astype(np.int32), CATEGORICAL, pmf_rows(tab, k, lo, hi, r))
     return [c.get_compressed()[::-1].copy() for c in coders]
 
 # %% ../nbs/41_codec.ipynb #b1824228
@@ -154,9 +164,9 @@ class AnsDecoder:
         self.avail = np.array([len(s) for s in streams], np.int64)
         self.len = self.avail if lengths is None else np.asarray(lengths, np.int64)
         if (self.avail == 0).any(): raise CodecError('truncated stream: a stream has no words')
-        # a cut stream gets two zero words after its end (not its full length: the header may be damaged)
-        self.size = np.minimum(self.len, self.avail + 2)
-        full = [np.concatenate([s, np.zeros(n - len(s), np.uint32)]) for s, n in zip(streams, self.size)]
+        # two zero words after each stream's end: reading one means the stream ran out (cut, or a damaged header)
+        self.size = self.avail + 2
+        full = [np.concatenate([s, np.zeros(2, np.uint32)]) for s in streams]
         try: self.coders = [constriction.stream.stack.AnsCoder(np.ascontiguousarray(s[::-1], np.uint32)) for s in full]
         except ValueError as e: raise CodecError(f'corrupted stream: {e}') from None
 
@@ -170,23 +180,52 @@ class AnsDecoder:
 def band(self: AnsDecoder, tab, n: int, lo: int, hi: int) -> np.ndarray:
     "Pop one band's symbols (S, n) from the first `n` streams, given the band's mixture tables."
     z = np.zeros((tab[0].shape[1], n), np.int64)
-    for k in range(n): z[:, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi)) + lo
-    if (self.pos[:n] > self.avail[:n]).any():
+    for k in range(n):
+        for r in _blocks(len(z), hi - lo + 1): z[r, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi, r)) + lo
+    over = self.pos[:n] > self.avail[:n]
+    if (over & (self.avail[:n] < self.len[:n])).any():
         raise CodecError('truncated stream: it ends before the last symbol was decoded')
+    if over.any(): raise CodecError('corrupted stream: a stream ran out before its last symbol')
     return z
 
 # %% ../nbs/41_codec.ipynb #4fe27e8c
 @patch
 def done(self: AnsDecoder) -> np.ndarray:
-    "Which streams ended where their encoder began: every word read, the state back at `ANS_START`."
-    start = (0, int(ANS_START[1]) << 32 | int(ANS_START[0]))
+    "Which streams ended where their encoder began: every word read (the two zero words left), the state at `ANS_START`."
+    start = (2, int(ANS_START[1]) << 32 | int(ANS_START[0]))
     return np.array([c.pos() == start for c in self.coders]) & (self.avail == self.len)
 
 # %% ../nbs/41_codec.ipynb #ba8aa458
-# magic, version, coder, image mode, model channels, H, W, N, levels, model id, lo, hi, G
-HEADER = struct.Struct('<4sBBBBHHIB8siiI')
-MAGIC, VERSION = b'WNBF', 2
-CODERS = ('rans', 'constriction')                # the coder byte: rANS from scratch, or constriction
+def put_varint(out: bytearray, v: int) -> bytearray:
+    "Append the LEB128 varint of `v` >= 0 to `out`."
+    if v < 0: raise ValueError(f'varints are unsigned, got {v}')
+    while True:
+        # $v = \sum_k b_k 2^{7k}$: a byte holds $b_k$, its top bit says that another byte follows
+        b, v = v & 0x7F, v >> 7
+        out.append(b | (0x80 if v else 0))
+        if not v: return out
+
+def get_varint(data: bytes, off: int) -> tuple[int, int]:
+    "The varint at `data[off]` and the offset after it; at most 9 bytes (values below $2^{63}$), no padding bytes."
+    v = 0
+    for k in range(9):
+        if off + k >= len(data): raise CodecError(f'truncated stream: {len(data)} bytes, the header goes on')
+        b = data[off + k]
+        v |= (b & 0x7F) << (7 * k)
+        if b < 0x80:
+            if b == 0 and k: raise CodecError('corrupted header: a varint with a padding byte')
+            return v, off + k + 1
+    raise CodecError('corrupted header: a varint longer than 9 bytes')
+
+# zigzag: 0, -1, 1, -2, 2, ... <-> 0, 1, 2, 3, 4, ...
+def zigzag(v: int) -> int: return 2 * v if v >= 0 else -2 * v - 1
+def unzigzag(u: int) -> int: return -(u >> 1) - 1 if u & 1 else u >> 1
+
+# %% ../nbs/41_codec.ipynb #27129ecc
+MAGIC, VERSION = b'WN', 3
+CODERS = ('rans', 'constriction')                # flags bits 0-1: rANS from scratch, or constriction
+# the bounds a header is checked against before anything is allocated
+MAX_SIDE, MAX_VALUES, MAX_ROUND, MAX_STREAMS, MAX_RANGE = 1 << 15, 1 << 30, 1 << 22, 1 << 16, 1 << 16
 
 def model_id(model: WaveletFlow) -> bytes:
     "8 bytes identifying a model: SHA-256 of its configuration and weights."
@@ -235,14 +274,16 @@ def symbols(model: WaveletFlow, x: Tensor) -> list:
     coarse, details = model.encode(x, lls=lls)
     return [(z.flatten(1).T.long().numpy(), mixture_tables(p)) for z, p in model.params(coarse, details, lls)]
 
-def _rounds(n: int, G: int) -> list[range]: return [range(r, min(r + G, n)) for r in range(0, n, G)]
+def _rounds(n: int, G: int):
+    "The rounds of `n` images over `G` streams, one range of images each (lazily: `n` comes from a file)."
+    return (range(r, min(r + G, n)) for r in range(0, n, G))
 
 # %% ../nbs/41_codec.ipynb #2e2c2fb3
 def _symbol_range(coded: list) -> tuple[int, int]:
     "The smallest and largest symbol of every round's bands: the range [lo, hi] the header stores."
     lo = int(min(z.min() for bands in coded for z, _ in bands))
     hi = int(max(z.max() for bands in coded for z, _ in bands))
-    if hi - lo + 1 > M // 16: raise CodecError(f'symbol range [{lo}, {hi}] too wide to code')
+    if hi - lo + 1 > MAX_RANGE: raise CodecError(f'symbol range [{lo}, {hi}] too wide to code (at most {MAX_RANGE} values)')
     return lo, hi
 
 def _rans_encode(coded: list, G: int, lo: int, hi: int) -> list[np.ndarray]:
@@ -256,6 +297,20 @@ def _rans_encode(coded: list, G: int, lo: int, hi: int) -> list[np.ndarray]:
     return enc.streams()
 
 # %% ../nbs/41_codec.ipynb #0018ea85
+def _header(coder: str, mode: int, C: int, H: int, W: int, N: int, G: int, lo: int, hi: int, mid: bytes,
+            lengths) -> bytearray:
+    "The header up to its CRC, in the layout above."
+    h = bytearray(MAGIC + bytes([VERSION, CODERS.index(coder) | (mode == 1) << 2 | (C == 1) << 3]))
+    for v in (H, W, N, G, zigzag(lo), zigzag(hi)): put_varint(h, v)
+    h += mid[:2]
+    for n in lengths: put_varint(h, n)
+    return h
+
+def _crc(mid: bytes, head: bytes, body: bytes) -> int:
+    "CRC-32 of the model id, the header before the CRC and the streams."
+    return zlib.crc32(body, zlib.crc32(head, zlib.crc32(mid)))
+
+# %% ../nbs/41_codec.ipynb #ad7ab7a0
 @torch.no_grad()
 @one_thread()
 def compress(model: WaveletFlow, images: Tensor, streams: int = 64, coder: str = 'constriction') -> bytes:
@@ -265,31 +320,44 @@ def compress(model: WaveletFlow, images: Tensor, streams: int = 64, coder: str =
     m = _cpu64(model, mid)
     x, mode = _prepare(images, m.transform.channels)
     N, C, H, W = x.shape
-    G = min(streams, N)
+    if max(H, W) > MAX_SIDE or N * C * H * W > MAX_VALUES:
+        raise ValueError(f'{N} images of {H}x{W} are more than one file holds (sides up to {MAX_SIDE}, '
+                         f'{MAX_VALUES} values in all): split them')
+    G = max(1, min(streams, N, MAX_STREAMS, MAX_ROUND // (C * H * W)))
     coded = [symbols(m, x[r.start:r.stop]) for r in _rounds(N, G)]     # per round: (z, tables) per band
     lo, hi = _symbol_range(coded)
     st = (_ans_encode if coder == 'constriction' else _rans_encode)(coded, G, lo, hi)
-    body = struct.pack(f'<{G}I', *map(len, st)) + b''.join(s.astype('<u4').tobytes() for s in st)
-    head = HEADER.pack(MAGIC, VERSION, CODERS.index(coder), mode, C, H, W, images.shape[0], m.n_levels(H, W), mid,
-                       lo, hi, G)
-    return head + struct.pack('<I', zlib.crc32(body)) + body
+    body = b''.join(s.astype('<u4').tobytes() for s in st)
+    head = _header(coder, mode, C, H, W, images.shape[0], G, lo, hi, mid, map(len, st))
+    return bytes(head) + struct.pack('<I', _crc(mid, head, body)) + body
 
 # %% ../nbs/41_codec.ipynb #9ee12ab3
 def read_header(data: bytes) -> dict:
-    "Parse and check a wavenb flow stream's header."
-    if len(data) < 4 or data[:4] != MAGIC:
-        raise CodecError(f'not a wavenb flow stream (magic {bytes(data[:4])!r}, expected {MAGIC!r})')
-    if len(data) < HEADER.size + 4: raise CodecError(f'truncated stream: {len(data)} bytes, shorter than the header')
-    magic, ver, coder, mode, C, H, W, N, levels, mid, lo, hi, G = HEADER.unpack_from(data)
-    if ver != VERSION: raise CodecError(f'unsupported wavenb stream version {ver} (this is version {VERSION})')
-    if coder >= len(CODERS): raise CodecError(f'corrupted header: unknown entropy coder {coder}')
-    if mode not in (1, 3) or C not in (1, 3) or G < 1 or G > max(N * (3 if mode > C else 1), 1):
-        raise CodecError('corrupted header')
-    off = HEADER.size + 4 + 4 * G
-    if len(data) < off: raise CodecError(f'truncated stream: {len(data)} bytes, the header needs {off}')
-    lens = struct.unpack_from(f'<{G}I', data, HEADER.size + 4)
-    return dict(coder=CODERS[coder], mode=mode, channels=C, H=H, W=W, N=N, levels=levels, model_id=mid, lo=lo, hi=hi,
-                G=G, lengths=lens, offset=off, crc=struct.unpack_from('<I', data, HEADER.size)[0])
+    "Parse a wavenb flow file's header, checking every count against the format's bounds (the CRC is `decompress`'s)."
+    if data[:2] != MAGIC: raise CodecError(f'not a wavenb flow stream (magic {bytes(data[:2])!r}, expected {MAGIC!r})')
+    if len(data) < 4: raise CodecError(f'truncated stream: {len(data)} bytes, shorter than the header')
+    if data[2] != VERSION: raise CodecError(f'unsupported wavenb stream version {data[2]} (this is version {VERSION})')
+    flags, off, v = data[3], 4, []
+    if flags >> 4 or flags & 3 >= len(CODERS): raise CodecError(f'corrupted header: unknown flags {flags:#04x}')
+    for _ in range(6):
+        n, off = get_varint(data, off)
+        v.append(n)
+    H, W, N, G, lo, hi = *v[:4], unzigzag(v[4]), unzigzag(v[5])
+    mode, C = (1 if flags & 4 else 3), (1 if flags & 8 else 3)
+    n_img = N * (3 if mode > C else 1)                     # the model's images: an RGB one through a grey model is 3
+    if not (1 <= H <= MAX_SIDE and 1 <= W <= MAX_SIDE and 1 <= n_img * C * H * W <= MAX_VALUES):
+        raise CodecError(f'corrupted header: {N} images of {H}x{W}')
+    if not 1 <= G <= min(n_img, MAX_STREAMS) or (G > 1 and G * C * H * W > MAX_ROUND):
+        raise CodecError(f'corrupted header: {G} streams for {n_img} images of {H}x{W}')
+    if not (lo <= hi and hi - lo + 1 <= MAX_RANGE): raise CodecError(f'corrupted header: symbol range [{lo}, {hi}]')
+    tag, off = data[off:off + 2], off + 2
+    lengths = []
+    for _ in range(G):                                     # one byte at least each: bounded by the file's size
+        n, off = get_varint(data, off)
+        lengths.append(n)
+    if len(data) < off + 4: raise CodecError(f'truncated stream: {len(data)} bytes, the header needs {off + 4}')
+    return dict(coder=CODERS[flags & 3], mode=mode, channels=C, H=H, W=W, N=N, G=G, lo=lo, hi=hi, tag=bytes(tag),
+                lengths=lengths, offset=off + 4, crc=struct.unpack_from('<I', data, off)[0])
 
 # %% ../nbs/41_codec.ipynb #76ff315d
 def _stream_words(data: bytes, h: dict) -> list[np.ndarray]:
@@ -348,19 +416,22 @@ def _decode_images(m: WaveletFlow, dec: RansDecoder | AnsDecoder, n: int, C: int
 @torch.no_grad()
 @one_thread()
 def decompress(model: WaveletFlow, data: bytes, progress=None, check: bool = True) -> Tensor:
-    "Decode `compress`'s bytes back to the uint8 images. `progress(level, images, words)`: called after each level."
+    """Decode `compress`'s bytes back to the uint8 images. `progress(level, images, words)`: called after each level.
+    `check=False` skips the length and CRC checks (for a prefix of a file: see `progressive`)."""
     h = read_header(data)
-    if h['model_id'] != (mid := model_id(model)):
-        raise CodecError(f"this stream was written with another model (id {h['model_id'].hex()}, "
-                         f"this model is {mid.hex()})")
-    need = h['offset'] + 4 * sum(h['lengths'])
+    if h['tag'] != (mid := model_id(model))[:2]:
+        raise CodecError(f"this stream was written with another model (tag {h['tag'].hex()}, "
+                         f"this model's is {mid[:2].hex()})")
+    off, need = h['offset'], h['offset'] + 4 * sum(h['lengths'])
     if check:
         if len(data) < need: raise CodecError(f'truncated stream: {len(data)} bytes, expected {need}')
-        if zlib.crc32(data[HEADER.size + 4:need]) != h['crc']: raise CodecError('corrupted stream: CRC-32 mismatch')
+        if len(data) > need: raise CodecError(f'corrupted stream: {len(data) - need} bytes after its end')
+        if _crc(mid, data[:off - 4], data[off:]) != h['crc']:
+            raise CodecError('corrupted stream (or one written with another model): CRC-32 mismatch')
     m = _cpu64(model, mid)
     C, H, W, G, lo, hi = h['channels'], h['H'], h['W'], h['G'], h['lo'], h['hi']
-    if m.transform.channels != C or m.n_levels(H, W) != h['levels']:
-        raise CodecError('the stream does not fit this model (channels/levels)')
+    if m.transform.channels != C:
+        raise CodecError(f'the stream was written with a {C}-channel model, this one has {m.transform.channels}')
     n_img = h['N'] * (3 if (h['mode'] == 3 and C == 1) else 1)
     words = _stream_words(data, h)
     dec = RansDecoder(words) if h['coder'] == 'rans' else AnsDecoder(words, h['lengths'])
@@ -368,7 +439,10 @@ def decompress(model: WaveletFlow, data: bytes, progress=None, check: bool = Tru
     if not dec.done().all(): raise CodecError('corrupted stream: a stream does not end where its encoder began')
     if x.min() < 0 or x.max() > 255: raise CodecError('corrupted stream: decoded values outside 0..255')
     x = x.to(torch.uint8)
-    if h['mode'] == 1 and C == 3: x = x[:, 1:2]
+    if h['mode'] == 1 and C == 3:
+        # a grey image went in as R = G = B
+        if not ((x[:, 0] == x[:, 1]) & (x[:, 1] == x[:, 2])).all(): raise CodecError('corrupted stream: a grey file decoded to colour')
+        x = x[:, 1:2]
     if h['mode'] == 3 and C == 1: x = x.view(-1, 3, H, W)
     return x
 
@@ -389,7 +463,7 @@ def ll_to_image(LL: Tensor, colour: bool, exact: bool = False) -> Tensor:
 # %% ../nbs/41_codec.ipynb #086b2e1a
 def progressive(model: WaveletFlow, data: bytes) -> list[dict]:
     """Decode a one-image stream level by level: [{'level', 'image' (uint8 at that level's size), 'bytes'}], coarsest
-    first."""
+    first. A whole file is checked as `decompress` checks it; a prefix cannot be (its CRC covers the whole file)."""
     h = read_header(data)
     if h['G'] != 1 or h['N'] != 1 or h['mode'] != h['channels']:
         raise ValueError('progressive decoding takes a one-image, one-stream file')
@@ -397,7 +471,7 @@ def progressive(model: WaveletFlow, data: bytes) -> list[dict]:
     def cb(level, LL, words):
         image = ll_to_image(LL, model.transform.colour, level == 0).round().to(torch.uint8)[0]
         steps.append(dict(level=level, image=image, bytes=h['offset'] + 4 * int(words[0])))
-    decompress(model, data, progress=cb, check=False)
+    decompress(model, data, progress=cb, check=len(data) >= h['offset'] + 4 * h['lengths'][0])
     return steps
 
 def plot_progressive(steps: list[dict], path=None):
@@ -665,39 +739,68 @@ def _flow(weights: str | None) -> WaveletFlow:
     return load_flow(weights or os.environ.get('WAVENB_FLOW_MODEL') or 'runs/flow/model.pt')
 
 # %% ../nbs/41_codec.ipynb #f5e3ddc3
+IMAGE_SUFFIXES = ('.png', '.bmp', '.gif', '.jpg', '.jpeg', '.pgm', '.ppm', '.tif', '.tiff', '.webp')
+
+def _pairs(src, dst, suffixes: tuple, new_suffix: str) -> list[tuple[Path, Path]]:
+    """`[(src, dst)]` for a file; for a folder, each file under it (subfolders too, sorted) whose suffix is in
+    `suffixes`, with its path under `dst` and `new_suffix`."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists(): raise FileNotFoundError(f'no file or folder at {src}')
+    if not src.is_dir(): return [(src, dst)]
+    if dst.exists() and not dst.is_dir(): raise ValueError(f'{src} is a folder, so the output must be one: {dst} is a file')
+    files = sorted(p for p in src.rglob('*') if p.is_file() and p.suffix.lower() in suffixes)
+    if not files: raise FileNotFoundError(f"no {' '.join(suffixes)} files in {src}")
+    return [(p, dst / p.relative_to(src).with_suffix(new_suffix)) for p in files]
+
+def _each(pairs: list, fn, what: str) -> list[dict]:
+    "`fn(src, dst)` for each pair, with a progress bar for more than one; output folders are made as needed."
+    out = []
+    for s, d in tqdm(pairs, desc=what, unit='file', disable=len(pairs) == 1):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        out.append(fn(s, d))
+    return out
+
+# %% ../nbs/41_codec.ipynb #20176889
 def compress_file(
-        image: str,  # an 8-bit greyscale or RGB image file (PNG, or anything Pillow reads)
-        output: str,  # the wavenb flow file to write
+        image: str,  # an 8-bit greyscale or RGB image file (PNG, or anything Pillow reads), or a folder of them
+        output: str,  # the wavenb flow file to write (a folder for a folder: one .wnb file per image)
         # model.pt or the --ckpt folder of wavenb train flow (default: $WAVENB_FLOW_MODEL, else runs/flow/model.pt)
         weights: str | None = None,
 ) -> dict:
-    "Losslessly compress an 8-bit greyscale/RGB image to a wavenb flow file with a trained flow."
-    x = read_image(image)
-    data = compress(_flow(weights), x, 1)
-    Path(output).write_bytes(data)
-    return dict(image=str(image), output=str(output), bytes=len(data), bits_per_dim=round(8 * len(data) / x.numel(), 4))
+    "Losslessly compress 8-bit greyscale/RGB images to wavenb flow files with a trained flow."
+    model, pairs = _flow(weights), _pairs(image, output, IMAGE_SUFFIXES, '.wnb')
+    def one(src, dst):
+        x = read_image(src)
+        dst.write_bytes(data := compress(model, x, 1))
+        return dict(bytes=len(data), values=x.numel())
+    r = _each(pairs, one, 'compress')
+    size, values = sum(d['bytes'] for d in r), sum(d['values'] for d in r)
+    return dict(image=str(image), output=str(output), files=len(r), bytes=size, bits_per_dim=round(8 * size / values, 4))
 
 def decompress_file(
-        file: str,  # a file written by wavenb compress
-        output: str,  # the PNG to write
+        file: str,  # a file written by wavenb compress, or a folder of them
+        output: str,  # the PNG to write (a folder for a folder: one PNG per .wnb file)
         # the flow that wrote the file (default: $WAVENB_FLOW_MODEL, else runs/flow/model.pt)
         weights: str | None = None,
 ) -> dict:
-    "Decode a wavenb flow file back to a PNG with exactly the original pixels, with the flow that wrote it."
-    p = Path(file)
-    if not p.is_file(): raise FileNotFoundError(f'no file at {file}')
-    x = decompress(_flow(weights), p.read_bytes())
-    PILImage.fromarray(x[0].permute(1, 2, 0).squeeze(-1).numpy()).save(output, format='PNG')
-    return dict(file=str(file), output=str(output), shape=list(x.shape[1:]))
+    "Decode wavenb flow files back to PNGs with exactly the original pixels, with the flow that wrote them."
+    model, pairs = _flow(weights), _pairs(file, output, ('.wnb',), '.png')
+    def one(src, dst):
+        try: x = decompress(model, src.read_bytes())
+        except CodecError as e: raise CodecError(f'{src}: {e}') from None
+        PILImage.fromarray(x[0].permute(1, 2, 0).squeeze(-1).numpy()).save(dst, format='PNG')
+        return list(x.shape[1:])
+    shapes = _each(pairs, one, 'decompress')
+    return dict(file=str(file), output=str(output), files=len(shapes), shape=shapes[0] if len(shapes) == 1 else None)
 
 # %% ../nbs/41_codec.ipynb #a624f54c
 def add_cli(cmds: dict):
     """Add `wavenb train flow`, `wavenb compress` and `wavenb decompress`: their options are the parameters of the
     functions they run."""
     add_command(cmds['train'], 'flow', train_flow, help='integer wavelet flow for lossless compression')
-    add_command(cmds[''], 'compress', compress_file, help='compress an 8-bit greyscale/RGB image to a wavenb flow file')
+    add_command(cmds[''], 'compress', compress_file, help='compress 8-bit greyscale/RGB images (a file or a folder) to wavenb flow files')
     add_command(cmds[''], 'decompress', decompress_file,
-                help='decompress a wavenb flow file to a PNG with the exact pixels')
+                help='decompress wavenb flow files (a file or a folder) to PNGs with the exact pixels')
 
 # %% ../nbs/41_codec.ipynb #41426eb4
 def _vs(a: float, b: float) -> str:

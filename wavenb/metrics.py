@@ -330,11 +330,19 @@ def device_name(device=None) -> str:
     return f'CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
 
 # %% ../nbs/03_metrics.ipynb #6dacbb60
-def run_info(device=None) -> dict:
-    "Provenance of a run: command, git commit, device, library versions, date (UTC)."
+def _outside(folder) -> list[str]:
+    "A git pathspec leaving out `folder` (a run's own results) if it lies in the repository."
+    if folder is None: return []
+    try: rel = Path(folder).resolve().relative_to(repo_root())
+    except ValueError: return []
+    return ['--', '.', f':(exclude){rel.as_posix()}'] if rel.parts else []
+
+def run_info(device=None, results=None) -> dict:
+    """Provenance of a run: command, git commit, device, library versions, date (UTC). `git_dirty`: whether tracked
+    files other than the run's own `results` folder differ from the commit."""
     # a copy of the tree without .git (e.g. on a GPU machine) gets its commit from WAVENB_GIT_COMMIT
     head = _git('rev-parse', 'HEAD')
-    dirty = None if head is None else bool(_git('status', '--porcelain', '--untracked-files=no'))
+    dirty = None if head is None else bool(_git('status', '--porcelain', '--untracked-files=no', *_outside(results)))
     prog = 'python -m wavenb.cli' if Path(sys.argv[0]).match('wavenb/cli.py') else Path(sys.argv[0]).name
     return dict(command=' '.join([prog, *sys.argv[1:]]), git_commit=head or os.environ.get('WAVENB_GIT_COMMIT'),
                 git_dirty=dirty, device=device_name(device), torch=torch.__version__,
@@ -353,7 +361,7 @@ def write_metrics(path, metrics: dict, device=None, **extra) -> Path:
     if device is not None and torch.device(device).type == 'cuda':
         extra.setdefault('peak_memory_bytes', torch.cuda.max_memory_allocated())
     tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(dict(run_info(device), **extra, metrics=metrics), indent=2) + '\n')
+    tmp.write_text(json.dumps(dict(run_info(device, path.parent), **extra, metrics=metrics), indent=2) + '\n')
     os.replace(tmp, path)
     return path
 
