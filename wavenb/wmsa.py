@@ -714,15 +714,19 @@ def add_cli(cmds: dict):
         add_command(cmds['eval'], kind, evaluate, help=f'evaluate a trained {kind} classifier')
 
 # %% ../nbs/30_wmsa.ipynb #d1f51eec
-def plot_curves(folders, key: str = 'acc', path=None, title: str = 'validation accuracy by training time'):
-    "Validation `key` against training minutes of each run folder (its metrics.json `eval_history`), one line each."
+def plot_curves(folders, key: str = 'acc', path=None, title: str | None = None, x: str = 'minutes'):
+    """Validation `key` of each run folder (its metrics.json `eval_history`), one line each, against training minutes
+    or training steps (`x`)."""
+    if x not in ('minutes', 'steps'): raise ValueError(f"x must be 'minutes' or 'steps', got {x!r}")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for f in folders:
         j = json.loads((Path(f) / 'metrics.json').read_text())
         h = j.get('eval_history')
         if not h: raise ValueError(f'{f}/metrics.json has no eval_history (a run from before it was recorded)')
-        ax.plot([e['train_time_s'] / 60 for e in h], [e[key] for e in h], marker='.', label=_run_name(j['config']))
-    ax.set(xlabel='training minutes', ylabel=f'validation {key}', title=title)
+        xs = [e['train_time_s'] / 60 if x == 'minutes' else e['step'] for e in h]
+        ax.plot(xs, [e[key] for e in h], marker='.', label=_run_name(j['config']))
+    by = 'training time' if x == 'minutes' else 'training steps'
+    ax.set(xlabel=f'training {x}', ylabel=f'validation {key}', title=title or f'validation {key} by {by}')
     ax.grid(alpha=0.3)
     ax.legend()
     if path: fig.savefig(path, bbox_inches='tight')
