@@ -428,7 +428,7 @@ def plot_modes(rows: list[dict], path=None):
 
 # %% ../nbs/60_cpu_speed.ipynb #12ba2a4e
 def bench_cpu(
-    families: tuple[str, ...] | None = None,  # families to time (default: all but wmsa-p1): diffusion-pixel, wmsa, vit, flow, ...
+    families: tuple[str, ...] | None = None,  # families to time (default: all but wmsa-p1): wmsa, vit, flow, ...
     modes: tuple[str, ...] = tuple(MODES),  # modes: fp32 bf16 fp32-cl bf16-cl compile bf16-compile
     peers: bool = True,  # also time wavenb against diffusers and timm
     fmnist: str = 'fashion_mnist',  # Fashion-MNIST images SOURCE[:SPLIT]

@@ -181,7 +181,8 @@ def band(self: AnsDecoder, tab, n: int, lo: int, hi: int) -> np.ndarray:
     "Pop one band's symbols (S, n) from the first `n` streams, given the band's mixture tables."
     z = np.zeros((tab[0].shape[1], n), np.int64)
     for k in range(n):
-        for r in _blocks(len(z), hi - lo + 1): z[r, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi, r)) + lo
+        for r in _blocks(len(z), hi - lo + 1):
+            z[r, k] = self.coders[k].decode(CATEGORICAL, pmf_rows(tab, k, lo, hi, r)) + lo
     over = self.pos[:n] > self.avail[:n]
     if (over & (self.avail[:n] < self.len[:n])).any():
         raise CodecError('truncated stream: it ends before the last symbol was decoded')
@@ -191,7 +192,7 @@ def band(self: AnsDecoder, tab, n: int, lo: int, hi: int) -> np.ndarray:
 # %% ../nbs/41_codec.ipynb #4fe27e8c
 @patch
 def done(self: AnsDecoder) -> np.ndarray:
-    "Which streams ended where their encoder began: every word read (the two zero words left), the state at `ANS_START`."
+    "Which streams ended where their encoder began: every word read (two zero words left), the state at `ANS_START`."
     start = (2, int(ANS_START[1]) << 32 | int(ANS_START[0]))
     return np.array([c.pos() == start for c in self.coders]) & (self.avail == self.len)
 
@@ -283,7 +284,8 @@ def _symbol_range(coded: list) -> tuple[int, int]:
     "The smallest and largest symbol of every round's bands: the range [lo, hi] the header stores."
     lo = int(min(z.min() for bands in coded for z, _ in bands))
     hi = int(max(z.max() for bands in coded for z, _ in bands))
-    if hi - lo + 1 > MAX_RANGE: raise CodecError(f'symbol range [{lo}, {hi}] too wide to code (at most {MAX_RANGE} values)')
+    if hi - lo + 1 > MAX_RANGE:
+        raise CodecError(f'symbol range [{lo}, {hi}] too wide to code (at most {MAX_RANGE} values)')
     return lo, hi
 
 def _rans_encode(coded: list, G: int, lo: int, hi: int) -> list[np.ndarray]:
@@ -441,7 +443,8 @@ def decompress(model: WaveletFlow, data: bytes, progress=None, check: bool = Tru
     x = x.to(torch.uint8)
     if h['mode'] == 1 and C == 3:
         # a grey image went in as R = G = B
-        if not ((x[:, 0] == x[:, 1]) & (x[:, 1] == x[:, 2])).all(): raise CodecError('corrupted stream: a grey file decoded to colour')
+        if not ((x[:, 0] == x[:, 1]) & (x[:, 1] == x[:, 2])).all():
+            raise CodecError('corrupted stream: a grey file decoded to colour')
         x = x[:, 1:2]
     if h['mode'] == 3 and C == 1: x = x.view(-1, 3, H, W)
     return x
@@ -747,7 +750,8 @@ def _pairs(src, dst, suffixes: tuple, new_suffix: str) -> list[tuple[Path, Path]
     src, dst = Path(src), Path(dst)
     if not src.exists(): raise FileNotFoundError(f'no file or folder at {src}')
     if not src.is_dir(): return [(src, dst)]
-    if dst.exists() and not dst.is_dir(): raise ValueError(f'{src} is a folder, so the output must be one: {dst} is a file')
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f'{src} is a folder, so the output must be one: {dst} is a file')
     files = sorted(p for p in src.rglob('*') if p.is_file() and p.suffix.lower() in suffixes)
     if not files: raise FileNotFoundError(f"no {' '.join(suffixes)} files in {src}")
     return [(p, dst / p.relative_to(src).with_suffix(new_suffix)) for p in files]
@@ -775,7 +779,8 @@ def compress_file(
         return dict(bytes=len(data), values=x.numel())
     r = _each(pairs, one, 'compress')
     size, values = sum(d['bytes'] for d in r), sum(d['values'] for d in r)
-    return dict(image=str(image), output=str(output), files=len(r), bytes=size, bits_per_dim=round(8 * size / values, 4))
+    return dict(image=str(image), output=str(output), files=len(r), bytes=size,
+                bits_per_dim=round(8 * size / values, 4))
 
 def decompress_file(
         file: str,  # a file written by wavenb compress, or a folder of them
@@ -798,7 +803,8 @@ def add_cli(cmds: dict):
     """Add `wavenb train flow`, `wavenb compress` and `wavenb decompress`: their options are the parameters of the
     functions they run."""
     add_command(cmds['train'], 'flow', train_flow, help='integer wavelet flow for lossless compression')
-    add_command(cmds[''], 'compress', compress_file, help='compress 8-bit greyscale/RGB images (a file or a folder) to wavenb flow files')
+    add_command(cmds[''], 'compress', compress_file,
+                help='compress 8-bit greyscale/RGB images (a file or a folder) to wavenb flow files')
     add_command(cmds[''], 'decompress', decompress_file,
                 help='decompress wavenb flow files (a file or a folder) to PNGs with the exact pixels')
 

@@ -655,7 +655,8 @@ def _run_name(c: dict) -> str:
     if c['kind'] == 'vit': return f"ViT {_model_size(c)}, patch {c['vit_patch']}"
     return (f"W-MSA {_model_size(c)}, {c['wavelet']} J={c['levels']}" + (', overcomplete' if c['overcomplete'] else '')
             + ('' if c['kernel'] else ', no kernel')
-            + (', learned positions' if c.get('positions') == 'learned' else '') + (f", patch {c['patch']}" if c['patch'] > 1 else ''))
+            + (', learned positions' if c.get('positions') == 'learned' else '')
+            + (f", patch {c['patch']}" if c['patch'] > 1 else ''))
 
 def results_table(folders) -> str:
     "A markdown table of the metrics.json files in `folders` (one row per run)."
