@@ -149,9 +149,9 @@ def test_cli_train_flow_end_to_end(tmp_path, crops, capsys):
     sub = coded_subset(test.images, 3)[:2]          # 3 coded images, the first 2 also one file each
     n = sub.numel()
     per = m['per_image_bpd']
-    assert m['coded_images'] == 3 and m['per_image_files'] == 2 and set(per) == {'flow', 'png', 'webp_lossless'}
+    assert m['coded_images'] == 3 and m['per_image_files'] == 2 and set(per) == {'flow', 'png', 'webp_lossless', 'jpegxl'}
     assert per['flow'] == pytest.approx(8 * sum(len(compress(model, im[None], 1)) for im in sub) / n, rel=1e-12)
-    assert {k: per[k] for k in ('png', 'webp_lossless')} == pytest.approx({k: 8 * v / n for k, v in baseline_bytes(sub).items()}, rel=1e-12)
+    assert {k: per[k] for k in ('png', 'webp_lossless', 'jpegxl')} == pytest.approx({k: 8 * v / n for k, v in baseline_bytes(sub).items()}, rel=1e-12)
     assert m['per_image_saving_vs_webp_pct'] == pytest.approx(100 * (1 - per['flow'] / per['webp_lossless']))
     assert 'saving_vs_webp_pct' not in m and 'one file per image' in flow_report(tmp_path / 'res')
     with pytest.raises(ValueError, match='per_image_files'): evaluate_flow(model, test, tmp_path / 'x', per_image_files=0)
@@ -165,6 +165,21 @@ def test_cli_train_flow_end_to_end(tmp_path, crops, capsys):
     ema, cfg = load_flow_run(tmp_path / 'ck')
     assert model_id(ema) == model_id(model) and model_id(load_flow_run(tmp_path / 'ck', ema=False)[0]) != model_id(model)
     assert cfg['test_sha256'] == test.checksum and cfg['holdout'] is None
+    # wavenb eval flow: every image in its own file, timed and checked, against the baselines on the same images
+    rc, err = cli(capsys, 'eval', 'flow', '--ckpt', tmp_path / 'ck', '--test-data', tmp_path / 'data', '--images', 3,
+                  '--out', tmp_path / 'ev')
+    assert rc == 0, err[-2000:]
+    ev = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
+    e, sub = ev['metrics'], coded_subset(test.images, 3)
+    assert e['images'] == 3 and e['same_test_images_as_run'] and ev['git_commit'] and ev['config'] == cfg
+    assert e['bpd_per_image_file'] == pytest.approx(8 * sum(len(compress(model, im[None], 1)) for im in sub) / sub.numel(), rel=1e-12)
+    assert e['bpd_per_image_jpegxl'] == pytest.approx(8 * baseline_bytes(sub)['jpegxl'] / sub.numel(), rel=1e-12)
+    assert e['bpd_model'] == pytest.approx(model(sub.float()).mean().item(), rel=1e-4)
+    assert e['file_overhead_vs_model_pct'] == pytest.approx(100 * (e['bpd_per_image_file'] / e['bpd_model'] - 1))
+    assert 0 < e['compress_plus_decompress_ms']['median'] and e['sr_images'] == 3 and 'bicubic' in e['sr_x4']
+    for f in ('progressive.png', 'sr_x2.png', 'sr_x4.png'): assert (tmp_path / 'ev' / f).is_file()
+    rc, err = cli(capsys, 'eval', 'flow', '--ckpt', tmp_path / 'ck')
+    assert rc == 2 and 'give --test-data' in err
 
 def test_train_flow_holds_out_a_seeded_tenth_by_default(tmp_path):
     r = train_flow('sample', steps=2, batch_size=4, lift_width=4, prior_width=8, prior_depth=1, K=3, warmup=1, ckpt=tmp_path / 'ck',

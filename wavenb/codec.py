@@ -4,10 +4,11 @@
 
 # %% ../nbs/41_codec.ipynb #b76f4790
 from __future__ import annotations
-import contextlib, copy, hashlib, io, json, math, os, struct, time, typing, zlib
+import contextlib, copy, hashlib, io, json, math, os, struct, time, typing, weakref, zlib
 from pathlib import Path
 import matplotlib.pyplot as plt
 import constriction
+import imagecodecs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,18 +19,19 @@ from torch import Tensor
 from .flow import (WaveletFlow, WaveletFlowTransform, IntCollate, bpd_loss, irct, level_sizes, load_flow,
                          save_flow, ll_grid, plot_filters)
 from .learner import Learner, save_config
-from .metrics import psnr, ssim, save_grid, read_results, provenance
+from .metrics import psnr, ssim, save_grid, read_results, provenance, write_metrics
 from .run import load_source, train_test, run_callbacks, load_model, add_command
 
 # %% auto #0
 __all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'PMF_ENTRIES', 'ANS_START', 'MAGIC', 'VERSION', 'CODERS', 'MAX_SIDE',
-           'MAX_VALUES', 'MAX_ROUND', 'MAX_STREAMS', 'MAX_RANGE', 'FLOW_KEYS', 'PUBLISHED_BPD_CIFAR10',
-           'IMAGE_SUFFIXES', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables', 'mixture_cdf',
+           'MAX_VALUES', 'MAX_ROUND', 'MAX_STREAMS', 'MAX_RANGE', 'BASELINES', 'FLOW_KEYS', 'PUBLISHED_BPD_CIFAR10',
+           'IMAGE_SUFFIXES', 'EVAL_CODECS', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables', 'mixture_cdf',
            'quantised_cdf', 'pmf_rows', 'AnsDecoder', 'put_varint', 'get_varint', 'zigzag', 'unzigzag', 'model_id',
            'one_thread', 'symbols', 'compress', 'read_header', 'decompress', 'theoretical_bits', 'll_to_image',
-           'progressive', 'plot_progressive', 'baseline_bytes', 'cubic_kernel', 'upsample_matrix', 'upsample',
-           'super_resolution', 'plot_sr', 'coded_subset', 'coding_metrics', 'evaluate_flow', 'build_flow',
-           'load_flow_run', 'train_flow', 'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report']
+           'progressive', 'plot_progressive', 'baseline_files', 'baseline_bytes', 'cubic_kernel', 'upsample_matrix',
+           'upsample', 'super_resolution', 'plot_sr', 'sr_batched', 'coded_subset', 'coding_metrics', 'evaluate_flow',
+           'build_flow', 'load_flow_run', 'train_flow', 'per_image_codec', 'per_image_summary', 'eval_flow',
+           'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report', 'eval_report']
 
 # %% ../nbs/41_codec.ipynb #28a56b1d
 PREC, RANS_L = 24, 1 << 31
@@ -227,14 +229,21 @@ MAGIC, VERSION = b'WN', 3
 CODERS = ('rans', 'constriction')                # flags bits 0-1: rANS from scratch, or constriction
 # the bounds a header is checked against before anything is allocated
 MAX_SIDE, MAX_VALUES, MAX_ROUND, MAX_STREAMS, MAX_RANGE = 1 << 15, 1 << 30, 1 << 22, 1 << 16, 1 << 16
+_IDS = weakref.WeakKeyDictionary()      # model -> (its weights' storages and version counters, its id)
 
 def model_id(model: WaveletFlow) -> bytes:
-    "8 bytes identifying a model: SHA-256 of its configuration and weights."
+    """8 bytes identifying a model: SHA-256 of its configuration and weights (hashed again only when a weight
+    changes: an in-place update bumps a tensor's version counter, a new tensor has new storage)."""
+    sd = model.state_dict()
+    seen = tuple((k, v.data_ptr(), v._version) for k, v in sd.items())
+    if (hit := _IDS.get(model)) is not None and hit[0] == seen: return hit[1]
     h = hashlib.sha256(json.dumps(model.config, sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(sd.items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.digest()[:8]
+    _IDS[model] = (seen, h.digest()[:8])
+    return _IDS[model][1]
+
 
 # %% ../nbs/41_codec.ipynb #d88990b8
 _COPIES = {}                    # the float64 copy of the model used last, by model id
@@ -492,21 +501,44 @@ def plot_progressive(steps: list[dict], path=None):
     return fig
 
 # %% ../nbs/41_codec.ipynb #3f603dc8
-def baseline_bytes(images: Tensor) -> dict:
-    """Total bytes of PNG (Pillow, optimize, level 9) and WebP lossless (Pillow, method 6, quality 100) files of uint8
-    images, each checked to decode exactly."""
-    codecs = (('png', dict(format='PNG', optimize=True, compress_level=9)),
-              ('webp_lossless', dict(format='WEBP', lossless=True, method=6, quality=100)))
-    tot = dict(png=0, webp_lossless=0)
+def _pil_encoder(**kw):
+    "A Pillow encoder with the options `kw`: uint8 array -> file bytes."
+    def enc(a: np.ndarray) -> bytes:
+        b = io.BytesIO()
+        PILImage.fromarray(a).save(b, **kw)
+        return b.getvalue()
+    return enc
+
+def _pil_decode(b: bytes, grey: bool) -> np.ndarray: return np.asarray(PILImage.open(io.BytesIO(b)).convert('L' if grey else 'RGB'))
+
+BASELINES = {
+    'png': (_pil_encoder(format='PNG', optimize=True, compress_level=9), _pil_decode),
+    'webp_lossless': (_pil_encoder(format='WEBP', lossless=True, method=6, quality=100), _pil_decode),
+    'jpegxl': (lambda a: imagecodecs.jpegxl_encode(a, lossless=True, effort=10, numthreads=1),
+               lambda b, grey: imagecodecs.jpegxl_decode(b, numthreads=1))}
+
+
+# %% ../nbs/41_codec.ipynb #aea6a17b
+def baseline_files(images: Tensor) -> dict:
+    """Every codec of `BASELINES` on uint8 images (N, 1|3, H, W), one file per image: {codec: {'bytes', 'encode_s',
+    'decode_s'}}, each a list over the images. Every file is decoded back and checked."""
+    res = {k: dict(bytes=[], encode_s=[], decode_s=[]) for k in BASELINES}
     for im in images:
-        a = im.permute(1, 2, 0).squeeze(-1).numpy()
-        for name, kw in codecs:
-            b = io.BytesIO()
-            PILImage.fromarray(a).save(b, **kw)
-            back = np.asarray(PILImage.open(io.BytesIO(b.getvalue())).convert('L' if a.ndim == 2 else 'RGB'))
-            if not np.array_equal(back, a): raise RuntimeError(f'{name} did not round-trip')
-            tot[name] += len(b.getvalue())
-    return tot
+        a = np.ascontiguousarray(im.permute(1, 2, 0).squeeze(-1).numpy())
+        for name, (enc, dec) in BASELINES.items():
+            t0 = time.perf_counter()
+            b = enc(a)
+            t1 = time.perf_counter()
+            back = dec(b, a.ndim == 2)
+            t2 = time.perf_counter()
+            if not np.array_equal(back, a): raise RuntimeError(f'{name} did not round-trip an image')
+            for k, v in zip(('bytes', 'encode_s', 'decode_s'), (len(b), t1 - t0, t2 - t1)): res[name][k].append(v)
+    return res
+
+def baseline_bytes(images: Tensor) -> dict:
+    "Total bytes of each baseline codec's one-image files (`baseline_files`)."
+    return {k: sum(v['bytes']) for k, v in baseline_files(images).items()}
+
 
 # %% ../nbs/41_codec.ipynb #7bf8244d
 def cubic_kernel(t: Tensor, a: float = -0.5) -> Tensor:
@@ -580,6 +612,17 @@ def plot_sr(images: Tensor, sr: dict, path=None, n: int = 6):
         plt.close(fig)
     return fig
 
+# %% ../nbs/41_codec.ipynb #7609ad89
+def sr_batched(model: WaveletFlow, images: Tensor, level: int = 0, batch: int = 500, seed: int = 0) -> tuple:
+    "`(factor, metrics averaged over all images, the first batch's result)` of `super_resolution` in batches."
+    parts = [(len(x), super_resolution(model, x, level, seed=seed + k))
+             for k, x in enumerate(images.split(batch))]
+    n = len(images)
+    metrics = {m: {q: sum(b * r['metrics'][m][q] for b, r in parts) / n for q in ('psnr', 'ssim')}
+               for m in parts[0][1]['metrics']}
+    return parts[0][1]['factor'], metrics, parts[0][1]
+
+
 # %% ../nbs/41_codec.ipynb #d310906b
 def coded_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
     """The test images `evaluate_flow` codes: the first `n` of a seeded random order (super-resolution uses the first
@@ -610,6 +653,7 @@ def coding_metrics(model: WaveletFlow, sub: Tensor, streams: int = 256,
                 file_overhead_pct=100 * (8 * len(data) / n / theo - 1), bit_exact=True, streams=min(streams, len(sub)),
                 encode_images_per_s_cpu=round(len(sub) / (t1 - t0), 2),
                 decode_images_per_s_cpu=round(len(sub) / (t2 - t1), 2), per_image_files=k, per_image_bpd=per,
+                per_image_saving_vs_jpegxl_pct=100 * (1 - per['flow'] / per['jpegxl']),
                 per_image_saving_vs_webp_pct=100 * (1 - per['flow'] / per['webp_lossless']),
                 per_image_saving_vs_png_pct=100 * (1 - per['flow'] / per['png'])), files
 
@@ -721,6 +765,87 @@ def train_flow(data: str = 'sample', split: str | None = None, test_data: str | 
                    compile=compile, num_workers=workers, collate=IntCollate(flip=True), valid_collate=IntCollate(),
                    cbs=cbs).fit(steps).results
 
+# %% ../nbs/41_codec.ipynb #9e4e34d3
+def per_image_codec(model: WaveletFlow, images: Tensor, progress: bool = True) -> dict:
+    """The flow, one file per uint8 image: {'bytes', 'header_bytes', 'compress_s', 'decompress_s'}, lists over
+    `images`; every file is decoded back and checked. One image is coded untimed first (the float64 copy, the id)."""
+    decompress(model, compress(model, images[:1], 1))
+    res = dict(bytes=[], header_bytes=[], compress_s=[], decompress_s=[])
+    for im in tqdm(images, desc='flow, one file per image', unit='image', disable=not progress):
+        t0 = time.perf_counter()
+        f = compress(model, im[None], 1)
+        t1 = time.perf_counter()
+        back = decompress(model, f)
+        t2 = time.perf_counter()
+        if not torch.equal(back[0], im): raise RuntimeError('a one-image file did not decode to its image')
+        for k, v in zip(res, (len(f), read_header(f)['offset'], t1 - t0, t2 - t1)): res[k].append(v)
+    return res
+
+
+# %% ../nbs/41_codec.ipynb #d50c35d7
+def _ms(ts: list) -> dict:
+    "Mean, median and 95th percentile of times in seconds, in milliseconds."
+    t = 1e3 * np.asarray(ts)
+    return dict(mean=round(float(t.mean()), 3), median=round(float(np.median(t)), 3),
+                p95=round(float(np.percentile(t, 95)), 3))
+
+def per_image_summary(flow: dict, baselines: dict, dims: int) -> dict:
+    "The flow's and the baselines' one-image files (`per_image_codec`, `baseline_files`) as bits/dim and times."
+    n = len(flow['bytes'])
+    bpd = lambda b: 8 * sum(b) / (n * dims)
+    short = {k: k.replace('_lossless', '') for k in baselines}                # webp_lossless -> webp
+    res = dict(bpd_per_image_file=bpd(flow['bytes']), **{f'bpd_per_image_{short[k]}': bpd(v['bytes'])
+                                                         for k, v in baselines.items()})
+    for k in baselines:
+        res[f'saving_vs_{short[k]}_pct'] = 100 * (1 - res['bpd_per_image_file'] / res[f'bpd_per_image_{short[k]}'])
+    both = [a + b for a, b in zip(flow['compress_s'], flow['decompress_s'])]
+    res.update(header_bytes_per_image=sum(flow['header_bytes']) / n,
+               compress_ms=_ms(flow['compress_s']), decompress_ms=_ms(flow['decompress_s']),
+               compress_plus_decompress_ms=_ms(both),
+               baseline_ms={short[k]: dict(encode=_ms(v['encode_s']), decode=_ms(v['decode_s']))
+                            for k, v in baselines.items()})
+    return res
+
+
+# %% ../nbs/41_codec.ipynb #0439cf79
+def eval_flow(
+    ckpt: str = 'runs/flow',  # the --ckpt folder of wavenb train flow
+    test_data: str | None = None,  # the images to code, SOURCE[:SPLIT] (the run's --test-data)
+    images: int | None = None,  # code only the first N images of a seeded random order (default: all)
+    sr_images: int | None = None,  # super-resolve the first N of those (default: all of them)
+    out: str | None = None,  # folder for metrics.json and the figures (default: none)
+    ema: bool = True,  # the EMA weights (what model.pt holds), else the raw ones
+    seed: int = 0,
+) -> dict:
+    """Every image in its own file: the flow (timed, checked) against PNG, WebP and JPEG XL lossless on the same
+    images, the model's bits/dim, super-resolution x2/x4 against nearest and bicubic, a progressive decoding."""
+    if not test_data: raise ValueError('no images to code: give --test-data SOURCE[:SPLIT]')
+    model, cfg = load_flow_run(ckpt, ema)
+    test = load_source(test_data)
+    if test.shape[0] not in (1, 3): raise ValueError(f'{test_data} has {test.shape[0]} channels: 1 or 3 can be coded')
+    sub = coded_subset(test.images, len(test) if images is None else images, seed)
+    res = dict(images=len(sub), test_data=test.name, test_sha256=test.checksum,
+               same_test_images_as_run=test.checksum == cfg.get('test_sha256'),
+               codec_threads=int(os.environ.get('WAVENB_CODEC_THREADS', 1)))
+    res['bpd_model'] = _model_bpd(model, sub)['bpd_model_fp32']
+    res['bpd_model_float64'] = theoretical_bits(model, sub) / sub.numel()
+    flow = per_image_codec(model, sub)
+    res.update(per_image_summary(flow, baseline_files(tqdm(sub, desc='baselines', unit='image')), sub[0].numel()))
+    res['file_overhead_vs_model_pct'] = 100 * (res['bpd_per_image_file'] / res['bpd_model'] - 1)
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        res['progressive_bytes'] = _progressive_figure(model, compress(model, sub[:1], 1), sub[0], out)
+    srs = sub if sr_images is None else sub[:sr_images]
+    for level in (0, 1):
+        factor, metrics, first = sr_batched(model, srs, level, seed=seed)
+        if out: plot_sr(srs, first, out / f'sr_x{factor}.png')
+        res[f'sr_x{factor}'] = metrics
+    res['sr_images'] = len(srs)
+    if out: write_metrics(out, res, checkpoint=str(ckpt), config=cfg, parameters=sum(p.numel() for p in model.parameters()))
+    return res
+
+
 # %% ../nbs/41_codec.ipynb #798a7362
 def read_image(path) -> Tensor:
     "An 8-bit greyscale or RGB image file as uint8 (1, C, H, W); other modes are an error naming the mode."
@@ -800,13 +925,16 @@ def decompress_file(
 
 # %% ../nbs/41_codec.ipynb #a624f54c
 def add_cli(cmds: dict):
-    """Add `wavenb train flow`, `wavenb compress` and `wavenb decompress`: their options are the parameters of the
-    functions they run."""
+    """Add `wavenb train flow`, `wavenb eval flow`, `wavenb compress` and `wavenb decompress`: their options are the
+    parameters of the functions they run."""
     add_command(cmds['train'], 'flow', train_flow, help='integer wavelet flow for lossless compression')
+    add_command(cmds['eval'], 'flow', eval_flow,
+                help='a trained flow as a codec: every test image in its own file, against PNG, WebP and JPEG XL')
     add_command(cmds[''], 'compress', compress_file,
                 help='compress 8-bit greyscale/RGB images (a file or a folder) to wavenb flow files')
     add_command(cmds[''], 'decompress', decompress_file,
                 help='decompress wavenb flow files (a file or a folder) to PNGs with the exact pixels')
+
 
 # %% ../nbs/41_codec.ipynb #41426eb4
 def _vs(a: float, b: float) -> str:
@@ -835,17 +963,19 @@ def _codec_report(r: dict, name: str, b: dict | None) -> list[str]:
     else:
         per = dict(flow=m['bpd_single_image_files'], **b['metrics']['per_image_bpd'])
         k = b['metrics']['per_image_files']
-    codecs = (('flow', 'flow'), ('WebP lossless (Pillow, method 6)', 'webp_lossless'),
-              ('PNG (Pillow, optimize, level 9)', 'png'))
+    codecs = [(label, c) for label, c in (('flow', 'flow'), ('JPEG XL lossless (libjxl, effort 10)', 'jpegxl'),
+              ('WebP lossless (Pillow, method 6)', 'webp_lossless'), ('PNG (Pillow, optimize, level 9)', 'png'))
+              if c in per]                                 # runs before JPEG XL was measured have no JPEG XL row
     out = [f"**{name}** ({r['dataset']['name']} -> {r['test_dataset']['name']}): {provenance(r)}", '',
            f'| one file per image, headers included ({k} test images) | bits/dim |', '|---|---|',
            *(f'| {label} | {per[c]:.3f} |' for label, c in codecs), '',
-           f"The flow's files are {_vs(per['flow'], per['webp_lossless'])} than WebP lossless and "
+           "The flow's files are " + (f"{_vs(per['flow'], per['jpegxl'])} than JPEG XL lossless, " if 'jpegxl' in per
+                                      else '') + f"{_vs(per['flow'], per['webp_lossless'])} than WebP lossless and "
            f"{_vs(per['flow'], per['png'])} than PNG. Flow only: {m['bpd_model_fp32']:.3f} bits/dim (the training "
            f"network, float32, all {m['test_images']} test images), {m['bpd_theoretical']:.3f} theoretical and "
            f"{m['bpd_file']:.3f} as one file of all {m['coded_images']} coded images "
            f"({m['streams']} interleaved streams; {m['file_overhead_pct']:+.2f}% over theoretical: the coder's "
-           "overhead, not a comparison, as PNG/WebP have no such file here); coder speed on the CPU: "
+           "overhead, not a comparison, as the other codecs have no such file here); coder speed on the CPU: "
            f"{m['encode_images_per_s_cpu']} images/s encode, {m['decode_images_per_s_cpu']} decode."]
     if b is not None:
         out.append(f"*Superseded:* the run reported the flow as {_vs(m['bpd_file'], m['bpd_webp_lossless'])} than WebP "
@@ -884,3 +1014,29 @@ def flow_report(folder, baselines=None) -> str:
     super-resolution."""
     r, name, b = _flow_results(folder, baselines)
     return '\n'.join(_codec_report(r, name, b) + _sr_report(r['metrics'], b))
+
+# %% ../nbs/41_codec.ipynb #f1c0e93f
+EVAL_CODECS = (('flow', 'file'), ('JPEG XL lossless (libjxl, effort 10)', 'jpegxl'),
+               ('WebP lossless (Pillow, method 6)', 'webp'), ('PNG (Pillow, optimize, level 9)', 'png'))
+
+def eval_report(folder) -> str:
+    "Markdown summary of a `wavenb eval flow` result folder."
+    r = read_results(folder)
+    m = r['metrics']
+    ms = {'file': (m['compress_ms'], m['decompress_ms']),
+          **{k: (v['encode'], v['decode']) for k, v in m['baseline_ms'].items()}}
+    bpd = {k: m[f'bpd_per_image_{k}'] for _, k in EVAL_CODECS}
+    both = m['compress_plus_decompress_ms']
+    out = [f"**{'/'.join(Path(folder).parts[-2:])}** ({m['images']} images of {m['test_data']}, each in its own file; "
+           f"{m['codec_threads']} thread): {provenance(r)}", '',
+           '| one file per image, headers included | bits/dim | encode, ms/image (median) | decode, ms/image (median) |',
+           '|---|---|---|---|',
+           *(f"| {label} | {bpd[k]:.3f} | {ms[k][0]['median']:.1f} | {ms[k][1]['median']:.1f} |" for label, k in EVAL_CODECS),
+           '', f"The flow's files are {_vs(bpd['file'], bpd['jpegxl'])} than JPEG XL lossless, "
+           f"{_vs(bpd['file'], bpd['webp'])} than WebP lossless and {_vs(bpd['file'], bpd['png'])} than PNG. "
+           f"The model: {m['bpd_model']:.3f} bits/dim (float32), {m['bpd_model_float64']:.3f} (float64, the coded "
+           f"model); the files are {m['file_overhead_vs_model_pct']:+.2f}% over the float32 rate, "
+           f"{m['header_bytes_per_image']:.1f} bytes of header and CRC each. Compress + decompress: "
+           f"{both['median']:.1f} ms median, {both['p95']:.1f} ms 95th percentile per image."]
+    return '\n'.join(out + _sr_report(m, None) + [f"(super-resolution on {m['sr_images']} images)"])
+
