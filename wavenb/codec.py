@@ -518,7 +518,7 @@ BASELINES = {
                lambda b, grey: imagecodecs.jpegxl_decode(b, numthreads=1))}
 
 
-# %% ../nbs/41_codec.ipynb #aea6a17b
+# %% ../nbs/41_codec.ipynb #2fe02894
 def baseline_files(images: Tensor) -> dict:
     """Every codec of `BASELINES` on uint8 images (N, 1|3, H, W), one file per image: {codec: {'bytes', 'encode_s',
     'decode_s'}}, each a list over the images. Every file is decoded back and checked."""
@@ -612,7 +612,7 @@ def plot_sr(images: Tensor, sr: dict, path=None, n: int = 6):
         plt.close(fig)
     return fig
 
-# %% ../nbs/41_codec.ipynb #7609ad89
+# %% ../nbs/41_codec.ipynb #ed6c20d3
 def sr_batched(model: WaveletFlow, images: Tensor, level: int = 0, batch: int = 500, seed: int = 0) -> tuple:
     "`(factor, metrics averaged over all images, the first batch's result)` of `super_resolution` in batches."
     parts = [(len(x), super_resolution(model, x, level, seed=seed + k))
@@ -765,7 +765,7 @@ def train_flow(data: str = 'sample', split: str | None = None, test_data: str | 
                    compile=compile, num_workers=workers, collate=IntCollate(flip=True), valid_collate=IntCollate(),
                    cbs=cbs).fit(steps).results
 
-# %% ../nbs/41_codec.ipynb #9e4e34d3
+# %% ../nbs/41_codec.ipynb #502a6769
 def per_image_codec(model: WaveletFlow, images: Tensor, progress: bool = True) -> dict:
     """The flow, one file per uint8 image: {'bytes', 'header_bytes', 'compress_s', 'decompress_s'}, lists over
     `images`; every file is decoded back and checked. One image is coded untimed first (the float64 copy, the id)."""
@@ -782,7 +782,7 @@ def per_image_codec(model: WaveletFlow, images: Tensor, progress: bool = True) -
     return res
 
 
-# %% ../nbs/41_codec.ipynb #d50c35d7
+# %% ../nbs/41_codec.ipynb #21128dbf
 def _ms(ts: list) -> dict:
     "Mean, median and 95th percentile of times in seconds, in milliseconds."
     t = 1e3 * np.asarray(ts)
@@ -807,7 +807,7 @@ def per_image_summary(flow: dict, baselines: dict, dims: int) -> dict:
     return res
 
 
-# %% ../nbs/41_codec.ipynb #0439cf79
+# %% ../nbs/41_codec.ipynb #db66709a
 def eval_flow(
     ckpt: str = 'runs/flow',  # the --ckpt folder of wavenb train flow
     test_data: str | None = None,  # the images to code, SOURCE[:SPLIT] (the run's --test-data)
@@ -820,6 +820,9 @@ def eval_flow(
     """Every image in its own file: the flow (timed, checked) against PNG, WebP and JPEG XL lossless on the same
     images, the model's bits/dim, super-resolution x2/x4 against nearest and bicubic, a progressive decoding."""
     if not test_data: raise ValueError('no images to code: give --test-data SOURCE[:SPLIT]')
+    for k, v in dict(images=images, sr_images=sr_images).items():
+        if v is not None and v < 1: raise ValueError(f'{k} must be at least 1, got {v}')
+    t0 = time.perf_counter()
     model, cfg = load_flow_run(ckpt, ema)
     test = load_source(test_data)
     if test.shape[0] not in (1, 3): raise ValueError(f'{test_data} has {test.shape[0]} channels: 1 or 3 can be coded')
@@ -842,6 +845,9 @@ def eval_flow(
         if out: plot_sr(srs, first, out / f'sr_x{factor}.png')
         res[f'sr_x{factor}'] = metrics
     res['sr_images'] = len(srs)
+    # how long it all took, and the load average: about 1 when it ran alone on the machine (the codec's one thread)
+    res.update(eval_time_s=round(time.perf_counter() - t0, 1),
+               load_average_1_5_15_min=[round(v, 2) for v in os.getloadavg()], cpu_count=os.cpu_count())
     if out: write_metrics(out, res, checkpoint=str(ckpt), config=cfg, parameters=sum(p.numel() for p in model.parameters()))
     return res
 
@@ -1015,7 +1021,7 @@ def flow_report(folder, baselines=None) -> str:
     r, name, b = _flow_results(folder, baselines)
     return '\n'.join(_codec_report(r, name, b) + _sr_report(r['metrics'], b))
 
-# %% ../nbs/41_codec.ipynb #f1c0e93f
+# %% ../nbs/41_codec.ipynb #e69b992b
 EVAL_CODECS = (('flow', 'file'), ('JPEG XL lossless (libjxl, effort 10)', 'jpegxl'),
                ('WebP lossless (Pillow, method 6)', 'webp'), ('PNG (Pillow, optimize, level 9)', 'png'))
 
