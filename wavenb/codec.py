@@ -139,7 +139,7 @@ def pmf_rows(tab, k: int, lo: int, hi: int, rows: slice = slice(None)) -> np.nda
     # p(i) = F(i + 1/2) - F(i - 1/2), with F(lo - 1/2) = 0 and F(hi + 1/2) = 1
     F = mixture_cdf(np.arange(lo, hi + 2) - 0.5, w, mu, inv_s)
     F[:, 0], F[:, -1] = 0., 1.
-    return np.diff(F, axis=1)
+    return np.maximum(np.diff(F, axis=1), 0.)          # float rounding can make F dip by an ulp
 
 def _blocks(S: int, A: int) -> list[slice]:
     "A band's S variables in blocks of at most `PMF_ENTRIES` probabilities (memory bounded whatever the range A)."
