@@ -273,4 +273,6 @@ def main(argv=None) -> int:
 
 # %% ../nbs/99_cli.ipynb #c184a271
 #| eval: false
-if __name__ == '__main__': sys.exit(main())  # python -m wavenb.cli ... (no install needed, e.g. on a bare GPU machine)
+# python -m wavenb.cli ... (no install needed, e.g. on a bare GPU machine); a notebook's kernel is '__main__' too,
+# but has no __file__: there this line does nothing
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
