@@ -17,6 +17,7 @@ lic = licenses[cfg['license']]
 requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
 bench_requirements = cfg.get('bench_requirements', '').split()   # the libraries the speed benchmarks compare with
+course_requirements = cfg.get('course_requirements', '').split()   # JupyterLab, to read and run the notebooks
 console_scripts = cfg.get('console_scripts', '').split()
 
 setuptools.setup(
@@ -32,7 +33,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'bench': bench_requirements},
+    extras_require={'dev': dev_requirements, 'bench': bench_requirements, 'course': course_requirements},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
