@@ -19,9 +19,9 @@ import wavenb
 from .haar import dwt2_stacked, wavedec2
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'TORCHVISION', 'split_jpeg', 'PackedJPEG', 'resize_uint8', 'stack_images', 'write_packed', 'pack_folder',
-           'pack_subset', 'ImageSet', 'repo_root', 'sample_path', 'cache_dir', 'data_root', 'load_images',
-           'parse_source', 'to_float', 'to_uint8', 'Collate', 'get_loader']
+__all__ = ['IMG_EXTS', 'TORCHVISION', 'PADDED', 'split_jpeg', 'PackedJPEG', 'resize_uint8', 'stack_images', 'write_packed',
+           'pack_folder', 'pack_subset', 'ImageSet', 'repo_root', 'sample_path', 'cache_dir', 'data_root', 'pad_to',
+           'load_images', 'parse_source', 'to_float', 'to_uint8', 'Collate', 'get_loader']
 
 # %% ../nbs/01_data.ipynb #8aaf227f
 def split_jpeg(b: bytes, path='') -> tuple[bytes, bytes]:
@@ -309,6 +309,17 @@ def _from_torchvision(name, split, root, download) -> tuple[np.ndarray, np.ndarr
                                 'on a machine with internet, point root (or $WAVENB_DATA) at a copy, '
                                 'or use a packed .npz archive') from None
 
+# %% ../nbs/01_data.ipynb #eef91ccb
+PADDED = {'fashion_mnist32': ('fashion_mnist', 32), 'mnist32': ('mnist', 32)}    # name: (source, padded side)
+
+def pad_to(images: Tensor, size: int) -> Tensor:
+    "Zero-pad uint8 images `(N, C, H, W)` by the same margin on every side to `size x size`."
+    h, w = images.shape[-2:]
+    if h > size or w > size or (size - h) % 2 or (size - w) % 2:
+        raise ValueError(f'{h}x{w} images cannot be padded evenly to {size}x{size}')
+    return F.pad(images, ((size - w) // 2,) * 2 + ((size - h) // 2,) * 2)
+
+
 # %% ../nbs/01_data.ipynb #a19ad3f3
 @functools.lru_cache(maxsize=8)
 def _load(source, split, root, download, size, cache, verify):
@@ -318,13 +329,18 @@ def _load(source, split, root, download, size, cache, verify):
             raise FileNotFoundError(f'the embedded sample is missing at {sample_path()}: install wavenb from a clone '
                                     '(pip install -e .) or set $WAVENB_SAMPLE to a copy of data/cifar10-sample.npz')
         imgs, labels, classes, name = _from_archive(sample_path(), split, cache, verify, size)
+    elif source in PADDED:                    # a 28x28 set zero-padded: the set itself, loaded (and cached) as usual
+        base, side = PADDED[source]
+        ds = _load(base, split, root, download, None, cache, verify)
+        imgs, labels, classes, name = pad_to(ds.images, side).permute(0, 2, 3, 1).numpy(), ds.labels.numpy(), \
+            ds.classes, f'{ds.name}, zero-padded to {side}x{side}'
     elif source in TORCHVISION:
         imgs, labels, classes, name = _from_torchvision(source, split or 'train', root, download)
     elif p.suffix == '.npz': imgs, labels, classes, name = _from_archive(p, split, cache, verify, size)
     elif p.is_dir(): imgs, labels, classes, name = _from_folder(p, size)
     else:
         raise FileNotFoundError(f'unknown data source {source!r}: not a file or folder. Use "sample", one of '
-                                f'{sorted(TORCHVISION)}, a packed .npz archive or an ImageFolder directory')
+                                f'{sorted(TORCHVISION) + sorted(PADDED)}, a packed .npz archive or an ImageFolder directory')
     images = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).contiguous()
     if size is not None and tuple(images.shape[-2:]) != (size, size):
         images, name = resize_uint8(images, size), f'{name}, resized to {size}x{size}'

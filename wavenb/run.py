@@ -96,7 +96,8 @@ def load_model(ckpt, build, what: str = 'training run', ema: bool = True, device
 # %% ../nbs/05_run.ipynb #52abaaf1
 SHARED = dict(
     data='training images: SOURCE[:SPLIT] (sample, an .npz archive, an image folder, '
-         'or a torchvision name like fashion_mnist:train)',
+         'a torchvision name like fashion_mnist:train, '
+         'or fashion_mnist32:train for it zero-padded to 32x32)',
     split='the split of --data (overrides SOURCE:SPLIT)', size='resize images to SIZE x SIZE',
     test_data='test images SOURCE[:SPLIT], used once at the end (without it, each command says what it does)',
     steps='training steps (with --minutes: a cap)',
