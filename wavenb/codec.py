@@ -4,7 +4,8 @@
 
 # %% ../nbs/41_codec.ipynb #b76f4790
 from __future__ import annotations
-import contextlib, copy, hashlib, io, json, math, os, struct, time, typing, weakref, zlib
+import contextlib, copy, hashlib, io, json, math, multiprocessing, os, struct, time, typing, weakref, zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import matplotlib.pyplot as plt
 import constriction
@@ -30,8 +31,8 @@ __all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'PMF_ENTRIES', 'ANS_START', 'MA
            'one_thread', 'symbols', 'compress', 'read_header', 'decompress', 'theoretical_bits', 'll_to_image',
            'progressive', 'plot_progressive', 'baseline_files', 'baseline_bytes', 'cubic_kernel', 'upsample_matrix',
            'upsample', 'super_resolution', 'plot_sr', 'sr_batched', 'coded_subset', 'coding_metrics', 'evaluate_flow',
-           'build_flow', 'load_flow_run', 'train_flow', 'per_image_codec', 'per_image_summary', 'eval_flow',
-           'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report', 'eval_report']
+           'build_flow', 'load_flow_run', 'train_flow', 'per_image_codec', 'in_processes', 'per_image_summary',
+           'eval_flow', 'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report', 'eval_report']
 
 # %% ../nbs/41_codec.ipynb #28a56b1d
 PREC, RANS_L = 24, 1 << 31
@@ -782,6 +783,40 @@ def per_image_codec(model: WaveletFlow, images: Tensor, progress: bool = True) -
     return res
 
 
+# %% ../nbs/41_codec.ipynb #b9aae3ef
+_WORKER = {}                                   # what a worker process was given once: the flow
+
+def _init_worker(model):
+    torch.set_num_threads(1)
+    _WORKER['model'] = model
+
+def _codec_chunk(images: Tensor) -> dict: return per_image_codec(_WORKER['model'], images, progress=False)
+
+def _join(acc: dict, new: dict) -> dict:
+    "Extend the lists of `acc` by those of `new`, nested dicts too."
+    for k, v in new.items():
+        if isinstance(v, dict): _join(acc.setdefault(k, {}), v)
+        else: acc.setdefault(k, []).extend(v)
+    return acc
+
+def in_processes(fn, images: Tensor, workers: int = 1, model=None, chunk: int = 100, desc: str = '') -> dict:
+    """`fn(chunk of images)` -> dict of lists over the chunk, for every chunk, in `workers` spawned processes (each on
+    one thread, given `model` once), joined in order. `workers=1`: here, with `model` set the same way."""
+    if workers < 1: raise ValueError(f'workers must be at least 1, got {workers}')
+    parts = list(images.split(chunk))
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            _WORKER['model'] = model
+            outs = map(fn, parts)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, multiprocessing.get_context('spawn'),
+                                                           initializer=_init_worker, initargs=(model,)))
+            outs = pool.map(fn, parts)
+        res = {}
+        for o in tqdm(outs, total=len(parts), desc=desc, unit='chunk', disable=not desc): _join(res, o)
+    return res
+
+
 # %% ../nbs/41_codec.ipynb #21128dbf
 def _ms(ts: list) -> dict:
     "Mean, median and 95th percentile of times in seconds, in milliseconds."
@@ -815,12 +850,13 @@ def eval_flow(
     sr_images: int | None = None,  # super-resolve the first N of those (default: all of them)
     out: str | None = None,  # folder for metrics.json and the figures (default: none)
     ema: bool = True,  # the EMA weights (what model.pt holds), else the raw ones
+    workers: int = 1,  # processes coding images side by side, each on one thread (one per core at most)
     seed: int = 0,
 ) -> dict:
     """Every image in its own file: the flow (timed, checked) against PNG, WebP and JPEG XL lossless on the same
     images, the model's bits/dim, super-resolution x2/x4 against nearest and bicubic, a progressive decoding."""
     if not test_data: raise ValueError('no images to code: give --test-data SOURCE[:SPLIT]')
-    for k, v in dict(images=images, sr_images=sr_images).items():
+    for k, v in dict(images=images, sr_images=sr_images, workers=workers).items():
         if v is not None and v < 1: raise ValueError(f'{k} must be at least 1, got {v}')
     t0 = time.perf_counter()
     model, cfg = load_flow_run(ckpt, ema)
@@ -829,11 +865,12 @@ def eval_flow(
     sub = coded_subset(test.images, len(test) if images is None else images, seed)
     res = dict(images=len(sub), test_data=test.name, test_sha256=test.checksum,
                same_test_images_as_run=test.checksum == cfg.get('test_sha256'),
-               codec_threads=int(os.environ.get('WAVENB_CODEC_THREADS', 1)))
+               codec_threads=int(os.environ.get('WAVENB_CODEC_THREADS', 1)), workers=workers)
     res['bpd_model'] = _model_bpd(model, sub)['bpd_model_fp32']
     res['bpd_model_float64'] = theoretical_bits(model, sub) / sub.numel()
-    flow = per_image_codec(model, sub)
-    res.update(per_image_summary(flow, baseline_files(tqdm(sub, desc='baselines', unit='image')), sub[0].numel()))
+    flow = in_processes(_codec_chunk, sub, workers, model, desc='flow, one file per image')
+    base = in_processes(baseline_files, sub, workers, desc='baselines, one file per image')
+    res.update(per_image_summary(flow, base, sub[0].numel()))
     res['file_overhead_vs_model_pct'] = 100 * (res['bpd_per_image_file'] / res['bpd_model'] - 1)
     if out:
         out = Path(out)

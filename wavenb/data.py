@@ -309,7 +309,7 @@ def _from_torchvision(name, split, root, download) -> tuple[np.ndarray, np.ndarr
                                 'on a machine with internet, point root (or $WAVENB_DATA) at a copy, '
                                 'or use a packed .npz archive') from None
 
-# %% ../nbs/01_data.ipynb #eef91ccb
+# %% ../nbs/01_data.ipynb #f85fc674
 PADDED = {'fashion_mnist32': ('fashion_mnist', 32), 'mnist32': ('mnist', 32)}    # name: (source, padded side)
 
 def pad_to(images: Tensor, size: int) -> Tensor:
