@@ -510,7 +510,8 @@ def _pil_encoder(**kw):
         return b.getvalue()
     return enc
 
-def _pil_decode(b: bytes, grey: bool) -> np.ndarray: return np.asarray(PILImage.open(io.BytesIO(b)).convert('L' if grey else 'RGB'))
+def _pil_decode(b: bytes, grey: bool) -> np.ndarray:
+    return np.asarray(PILImage.open(io.BytesIO(b)).convert('L' if grey else 'RGB'))
 
 BASELINES = {
     'png': (_pil_encoder(format='PNG', optimize=True, compress_level=9), _pil_decode),
@@ -885,7 +886,8 @@ def eval_flow(
     # how long it all took, and the load average: about 1 when it ran alone on the machine (the codec's one thread)
     res.update(eval_time_s=round(time.perf_counter() - t0, 1),
                load_average_1_5_15_min=[round(v, 2) for v in os.getloadavg()], cpu_count=os.cpu_count())
-    if out: write_metrics(out, res, checkpoint=str(ckpt), config=cfg, parameters=sum(p.numel() for p in model.parameters()))
+    if out:
+        write_metrics(out, res, checkpoint=str(ckpt), config=cfg, parameters=sum(p.numel() for p in model.parameters()))
     return res
 
 
@@ -1072,9 +1074,11 @@ def eval_report(folder) -> str:
     both = m['compress_plus_decompress_ms']
     out = [f"**{'/'.join(Path(folder).parts[-2:])}** ({m['images']} images of {m['test_data']}, each in its own file; "
            f"{m['codec_threads']} thread): {provenance(r)}", '',
-           '| one file per image, headers included | bits/dim | encode, ms/image (median) | decode, ms/image (median) |',
+           '| one file per image, headers included | bits/dim | encode, ms/image (median) '
+           '| decode, ms/image (median) |',
            '|---|---|---|---|',
-           *(f"| {label} | {bpd[k]:.3f} | {ms[k][0]['median']:.1f} | {ms[k][1]['median']:.1f} |" for label, k in EVAL_CODECS),
+           *(f"| {label} | {bpd[k]:.3f} | {ms[k][0]['median']:.1f} | {ms[k][1]['median']:.1f} |"
+             for label, k in EVAL_CODECS),
            '', f"The flow's files are {_vs(bpd['file'], bpd['jpegxl'])} than JPEG XL lossless, "
            f"{_vs(bpd['file'], bpd['webp'])} than WebP lossless and {_vs(bpd['file'], bpd['png'])} than PNG. "
            f"The model: {m['bpd_model']:.3f} bits/dim (float32), {m['bpd_model_float64']:.3f} (float64, the coded "

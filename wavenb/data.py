@@ -340,7 +340,8 @@ def _load(source, split, root, download, size, cache, verify):
     elif p.is_dir(): imgs, labels, classes, name = _from_folder(p, size)
     else:
         raise FileNotFoundError(f'unknown data source {source!r}: not a file or folder. Use "sample", one of '
-                                f'{sorted(TORCHVISION) + sorted(PADDED)}, a packed .npz archive or an ImageFolder directory')
+                                f'{sorted(TORCHVISION) + sorted(PADDED)}, a packed .npz archive or an ImageFolder '
+                                'directory')
     images = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).contiguous()
     if size is not None and tuple(images.shape[-2:]) != (size, size):
         images, name = resize_uint8(images, size), f'{name}, resized to {size}x{size}'
