@@ -850,7 +850,7 @@ def eval_flow(
     images: int | None = None,  # code only the first N images of a seeded random order (default: all)
     sr_images: int | None = None,  # super-resolve the first N of those (default: all of them)
     out: str | None = None,  # folder for metrics.json and the figures (default: none)
-    ema: bool = True,  # the EMA weights (what model.pt holds), else the raw ones
+    raw_weights: bool = False,  # the raw weights instead of the EMA ones (what model.pt holds)
     workers: int = 1,  # processes coding images side by side, each on one thread (one per core at most)
     seed: int = 0,
 ) -> dict:
@@ -860,7 +860,7 @@ def eval_flow(
     for k, v in dict(images=images, sr_images=sr_images, workers=workers).items():
         if v is not None and v < 1: raise ValueError(f'{k} must be at least 1, got {v}')
     t0 = time.perf_counter()
-    model, cfg = load_flow_run(ckpt, ema)
+    model, cfg = load_flow_run(ckpt, ema=not raw_weights)
     test = load_source(test_data)
     if test.shape[0] not in (1, 3): raise ValueError(f'{test_data} has {test.shape[0]} channels: 1 or 3 can be coded')
     sub = coded_subset(test.images, len(test) if images is None else images, seed)
