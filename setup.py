@@ -18,6 +18,7 @@ requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
 bench_requirements = cfg.get('bench_requirements', '').split()   # the libraries the speed benchmarks compare with
 course_requirements = cfg.get('course_requirements', '').split()   # JupyterLab, to read and run the notebooks
+docs_requirements = cfg.get('docs_requirements', '').split()   # Sphinx + myst-nb + local MathJax: the website (docs/build.py)
 console_scripts = cfg.get('console_scripts', '').split()
 
 setuptools.setup(
@@ -33,7 +34,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'bench': bench_requirements, 'course': course_requirements},
+    extras_require={'dev': dev_requirements, 'bench': bench_requirements, 'course': course_requirements, 'docs': docs_requirements},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
