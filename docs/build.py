@@ -30,7 +30,8 @@ def settings() -> dict:
 def chapters(nbs: Path) -> list[Path]:
     "The notebooks in reading order: `index` first, then by file name (`00_haar`, `01_data`, ...)."
     nbs_ = sorted(p for p in nbs.glob('*.ipynb') if not p.name.startswith(('_', '.')))
-    if not any(p.stem == 'index' for p in nbs_): raise FileNotFoundError(f'{nbs}/index.ipynb: the front page is missing')
+    if not any(p.stem == 'index' for p in nbs_):
+        raise FileNotFoundError(f'{nbs}/index.ipynb: the front page is missing')
     return sorted(nbs_, key=lambda p: (p.stem != 'index', p.name))
 
 
@@ -44,7 +45,8 @@ def stage_cell(cell: dict) -> dict | None:
     "One cell as the site shows it, or None to leave it out (a cell of directives only, e.g. `default_exp`)."
     src = ''.join(cell['source'])
     if cell['cell_type'] == 'markdown':
-        return {**cell, 'source': src.replace('](../figures/', '](figures/').replace('src="../figures/', 'src="figures/')}
+        src = src.replace('](../figures/', '](figures/').replace('src="../figures/', 'src="figures/')
+        return {**cell, 'source': src}
     if cell['cell_type'] != 'code': return cell
     names = DIRECTIVE.findall(src)
     body = DIRECTIVE.sub('', src).strip('\n')
@@ -95,7 +97,8 @@ def api_page(mods: list[tuple[str, str, str]]) -> str:
     "The API reference: each exported module's members (autodoc), linked to the chapter that derives them."
     parts = ['# API reference\n',
              'Every function and class the notebooks export to the `wavenb` package, module by module, each with the '
-             'chapter that derives and checks it. (In the chapters, cells exported to the package have a thick blue bar on their left.)\n']
+             'chapter that derives and checks it. (In the chapters, cells exported to the package have a thick blue '
+             'bar on their left.)\n']
     for mod, doc, title in mods:
         parts.append(f'## `wavenb.{mod}`\n\nDerived in [{title}]({doc}.ipynb).\n\n'
                      f'```{{eval-rst}}\n.. automodule:: wavenb.{mod}\n   :members:\n   :undoc-members:\n```\n')
@@ -117,7 +120,8 @@ def stage(stage_dir: Path) -> int:
     (stage_dir / '_static/mathjax').mkdir(parents=True)
     shutil.copytree(ROOT / 'figures', stage_dir / 'figures')
     shutil.copy(mathjax_file(), stage_dir / '_static/mathjax/tex-svg-full.js')
-    for f in ('conf.py', 'custom.css'): shutil.copy(ROOT / 'docs' / f, stage_dir / ('_static/' if f.endswith('.css') else '') / f)
+    shutil.copy(ROOT / 'docs/conf.py', stage_dir / 'conf.py')
+    shutil.copy(ROOT / 'docs/custom.css', stage_dir / '_static/custom.css')
     nbs = chapters(ROOT / 'nbs')
     mods, docs = [], []
     for p in nbs:
@@ -137,7 +141,8 @@ def stage(stage_dir: Path) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--out', default=str(ROOT / '_site'), help='the built site (default: _site)')
-    ap.add_argument('--stage', default=str(ROOT / '_build/site_src'), help='the staging folder (default: _build/site_src)')
+    ap.add_argument('--stage', default=str(ROOT / '_build/site_src'),
+                    help='the staging folder (default: _build/site_src)')
     ap.add_argument('--jobs', default='auto', help="sphinx-build's -j (default: auto, one per core)")
     ap.add_argument('--strict', action='store_true', help='fail on any Sphinx warning')
     a = ap.parse_args(argv)
@@ -147,7 +152,8 @@ def main(argv=None):
     if out.exists(): shutil.rmtree(out)
     scratch = out.resolve().parent / 'jupyter_execute'    # myst-nb's working copies of the notebooks, beside the output
     had_scratch = scratch.exists()
-    cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-j', a.jobs, a.stage, str(out)] + (['-W', '--keep-going'] * a.strict)
+    cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-j', a.jobs, a.stage, str(out)]
+    if a.strict: cmd += ['-W', '--keep-going']
     r = subprocess.run(cmd, env={**os.environ, 'WAVENB_ROOT': str(ROOT)})
     if not had_scratch: shutil.rmtree(scratch, ignore_errors=True)
     if r.returncode: raise SystemExit(f'sphinx-build failed ({r.returncode}): {" ".join(cmd)}')

@@ -91,16 +91,19 @@ RAW_TEX_JS = r"""() => {
     const t = n.textContent;
     if (/\\[a-zA-Z]{2,}|\$[^$\s][^$]*\$|\\\(|\\\[/.test(t)) bad.push(t.trim().slice(0, 80));
   }
-  for (const m of document.querySelectorAll('.math')) if (!m.querySelector('mjx-container')) bad.push('unrendered: ' + m.textContent.trim().slice(0, 80));
+  for (const m of document.querySelectorAll('.math'))
+    if (!m.querySelector('mjx-container')) bad.push('unrendered: ' + m.textContent.trim().slice(0, 80));
   return bad;
 }"""
 BROKEN_IMAGES_JS = "() => [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)"
-MATHJAX_READY_JS = "() => window.MathJax && MathJax.startup && MathJax.startup.promise ? MathJax.startup.promise.then(() => true) : false"
+MATHJAX_READY_JS = ("() => window.MathJax && MathJax.startup && MathJax.startup.promise"
+                    " ? MathJax.startup.promise.then(() => true) : false")
 
 
 def serve(site: Path) -> tuple[ThreadingHTTPServer, str]:
     "`site` on a free localhost port, in a thread."
-    handler = functools.partial(type('Quiet', (SimpleHTTPRequestHandler,), {'log_message': lambda *a: None}), directory=str(site))
+    quiet = type('Quiet', (SimpleHTTPRequestHandler,), {'log_message': lambda *a: None})
+    handler = functools.partial(quiet, directory=str(site))
     srv = ThreadingHTTPServer(('127.0.0.1', 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, f'http://127.0.0.1:{srv.server_address[1]}/'
@@ -124,11 +127,14 @@ def browse(site: Path, shots: Path, chromium: str, shot_pages=('index.html', '00
                 r.abort()
             ctx.route('**/*', route)
             page = ctx.new_page()
-            page.on('response', lambda resp: resp.status >= 400 and found['http_error'].append(f'{current}: {resp.status} {resp.url}'))
+            def response(resp):
+                if resp.status >= 400: found['http_error'].append(f'{current}: {resp.status} {resp.url}')
+            page.on('response', response)
             for f in pages(site):
                 current = f.relative_to(site).as_posix()
                 page.goto(base + current, wait_until='load')
-                if page.evaluate(MATHJAX_READY_JS): n_math += page.evaluate("() => document.querySelectorAll('mjx-container').length")
+                if page.evaluate(MATHJAX_READY_JS):
+                    n_math += page.evaluate("() => document.querySelectorAll('mjx-container').length")
                 found['image'] += [f'{current}: {s}' for s in page.evaluate(BROKEN_IMAGES_JS)]
                 found['raw_tex'] += [f'{current}: {s}' for s in page.evaluate(RAW_TEX_JS)]
                 if current in shot_pages: page.screenshot(path=str(shots / (Path(current).stem + '.png')))
@@ -141,12 +147,15 @@ def browse(site: Path, shots: Path, chromium: str, shot_pages=('index.html', '00
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--site', default=str(ROOT / '_site'), help='the built site (default: _site)')
-    ap.add_argument('--shots', default=str(ROOT / '_build/screens'), help='where the screenshots go (default: _build/screens)')
+    ap.add_argument('--shots', default=str(ROOT / '_build/screens'),
+                    help='where the screenshots go (default: _build/screens)')
     ap.add_argument('--chromium', default='/usr/bin/chromium', help="the browser (Debian's package chromium)")
     a = ap.parse_args(argv)
     site, t0 = Path(a.site), time.time()
-    if not (site / 'index.html').is_file(): sys.exit(f'{site}/index.html not found: build the site first, python docs/build.py')
-    if not Path(a.chromium).is_file(): sys.exit(f'{a.chromium} not found: install Chromium (Debian: apt-get install chromium)')
+    if not (site / 'index.html').is_file():
+        sys.exit(f'{site}/index.html not found: build the site first, python docs/build.py')
+    if not Path(a.chromium).is_file():
+        sys.exit(f'{a.chromium} not found: install Chromium (Debian: apt-get install chromium)')
     n_pages = len(pages(site))
     bad_links, n_local, n_ext = broken_links(site)
     found, n_math = browse(site, Path(a.shots), a.chromium)

@@ -16,7 +16,8 @@ html_title = f"{_s['title']}: {_s['description'].split(':')[0]}"
 html_baseurl = _s['doc_host'].rstrip('/') + _s['doc_baseurl'].rstrip('/') + '/'   # where the site is published
 
 extensions = ['myst_nb', 'sphinx.ext.autodoc', 'sphinx.ext.viewcode']
-exclude_patterns = ['_build', '**.ipynb_checkpoints', 'figures/*/**']   # figures/README.md is a page, the rest only files
+# figures/README.md is a page; the rest of figures/ only files
+exclude_patterns = ['_build', '**.ipynb_checkpoints', 'figures/*/**']
 root_doc = 'index'
 
 # notebooks are shown with their committed outputs, never executed here

@@ -1,4 +1,5 @@
-"The website's build and browser-check scripts (docs/build.py, docs/check.py): staging rules and the link checks, no Sphinx or browser needed."
+"""The website's build and browser-check scripts (docs/build.py, docs/check.py): staging rules and the link checks,
+no Sphinx or browser needed."""
 import importlib.util, json
 from pathlib import Path
 import pytest
@@ -13,7 +14,8 @@ def load(name):
 
 build, check = load('build'), load('check')
 
-def code(src, outputs=()): return {'cell_type': 'code', 'metadata': {}, 'source': src, 'outputs': list(outputs), 'execution_count': 1}
+def code(src, outputs=()):
+    return {'cell_type': 'code', 'metadata': {}, 'source': src, 'outputs': list(outputs), 'execution_count': 1}
 def md(src): return {'cell_type': 'markdown', 'metadata': {}, 'source': src}
 
 def test_clean_stream():
@@ -21,10 +23,11 @@ def test_clean_stream():
 
 def test_stage_cell():
     assert build.stage_cell(code('#| default_exp haar\n')) is None               # directives only: left out
-    c = build.stage_cell(code('#| export\ndef f(x): return x\n', [{'output_type': 'stream', 'name': 'stdout', 'text': ['a\rb\n']}]))
+    out = {'output_type': 'stream', 'name': 'stdout', 'text': ['a\rb\n']}
+    c = build.stage_cell(code('#| export\ndef f(x): return x\n', [out]))
     assert c['source'] == 'def f(x): return x' and c['metadata']['tags'] == ['exported']
     assert c['outputs'][0]['text'] == 'b\n'
-    assert build.stage_cell(code('#| slow\nx = 1'))['metadata']['tags'] == []   # other directives: shown, untagged
+    assert build.stage_cell(code('#| slow\nx = 1'))['metadata']['tags'] == []   # other directives: untagged
     assert build.stage_cell(md('![grid](../figures/a/b.png) <img src="../figures/c.png">'))['source'] == \
         '![grid](figures/a/b.png) <img src="figures/c.png">'
 
@@ -39,9 +42,11 @@ def test_chapters_and_titles(tmp_path):
 
 def test_stage_notebook_index_links(tmp_path):
     src = tmp_path / 'index.ipynb'
-    src.write_text(json.dumps({'cells': [md('[00_haar](nbs/00_haar.ipynb), [figures](figures/README.md)')], 'metadata': {}}))
+    links = '[00_haar](nbs/00_haar.ipynb), [figures](figures/README.md)'
+    src.write_text(json.dumps({'cells': [md(links)], 'metadata': {}}))
     build.stage_notebook(src, tmp_path / 'out.ipynb')
-    assert json.loads((tmp_path / 'out.ipynb').read_text())['cells'][0]['source'] == '[00_haar](00_haar.ipynb), [figures](figures/README.md)'
+    staged = json.loads((tmp_path / 'out.ipynb').read_text())['cells'][0]['source']
+    assert staged == '[00_haar](00_haar.ipynb), [figures](figures/README.md)'
 
 def site(tmp_path, pages):
     for name, body in pages.items():
@@ -50,13 +55,16 @@ def site(tmp_path, pages):
     return tmp_path
 
 def test_broken_links(tmp_path):
-    s = site(tmp_path, {'index.html': ('', '<a href="a.html#sec">ok</a> <a href="a.html#nope">x</a> <a href="gone.html">y</a>'
-                                           '<img src="_images/p.png"> <a href="https://example.org/">ext</a> <a href="#top">self</a>'),
-                        'a.html': ('', '<h1 id="sec">S</h1><a href="index.html">back</a><a href="../outside.html">out</a>'),
+    index = ('<a href="a.html#sec">ok</a> <a href="a.html#nope">x</a> <a href="gone.html">y</a>'
+             '<img src="_images/p.png"> <a href="https://example.org/">ext</a> <a href="#top">self</a>')
+    s = site(tmp_path, {'index.html': ('', index),
+                        'a.html': ('', '<h1 id="sec">S</h1><a href="index.html">b</a><a href="../outside.html">o</a>'),
                         'sub/b.html': ('', '<p id="top">b</p><a href="../a.html#sec">up</a>')})
     bad, n_local, n_ext = check.broken_links(s)
-    assert bad == ['a.html: <a> ../outside.html -> no such file', 'index.html: <a> a.html#nope -> no #nope in a.html',
-                   'index.html: <a> gone.html -> no such file', 'index.html: <img> _images/p.png -> no such file',
+    assert bad == ['a.html: <a> ../outside.html -> no such file',
+                   'index.html: <a> a.html#nope -> no #nope in a.html',
+                   'index.html: <a> gone.html -> no such file',
+                   'index.html: <img> _images/p.png -> no such file',
                    'index.html: <a> #top -> no #top in index.html']
     assert (n_local, n_ext) == (8, 1)
 
