@@ -11,20 +11,13 @@ Steps: copy each notebook into a staging folder as a reader should see it (nbdev
 `../figures/` links made relative to the site), add the chapter list and the API page, then `sphinx-build`.
 """
 from __future__ import annotations
-import argparse, configparser, json, os, re, shutil, subprocess, sys, time
+import argparse, json, os, re, shutil, subprocess, sys, time
 from importlib.util import find_spec
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIRECTIVE = re.compile(r'^\s*#\|\s*(\S+)[^\n]*\n?', re.MULTILINE)
 ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')
-
-
-def settings() -> dict:
-    "The project's `settings.ini` (title, description, URLs) as a dict."
-    cfg = configparser.ConfigParser(interpolation=None)
-    cfg.read(ROOT / 'settings.ini')
-    return dict(cfg['DEFAULT'])
 
 
 def chapters(nbs: Path) -> list[Path]:
