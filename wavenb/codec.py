@@ -26,13 +26,14 @@ from .run import load_source, train_test, run_callbacks, load_model, add_command
 # %% auto #0
 __all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'PMF_ENTRIES', 'ANS_START', 'MAGIC', 'VERSION', 'CODERS', 'MAX_SIDE',
            'MAX_VALUES', 'MAX_ROUND', 'MAX_STREAMS', 'MAX_RANGE', 'BASELINES', 'FLOW_KEYS', 'PUBLISHED_BPD_CIFAR10',
-           'IMAGE_SUFFIXES', 'EVAL_CODECS', 'CodecError', 'RansEncoder', 'RansDecoder', 'mixture_tables', 'mixture_cdf',
-           'quantised_cdf', 'pmf_rows', 'AnsDecoder', 'put_varint', 'get_varint', 'zigzag', 'unzigzag', 'model_id',
-           'one_thread', 'symbols', 'compress', 'read_header', 'decompress', 'theoretical_bits', 'll_to_image',
-           'progressive', 'plot_progressive', 'baseline_files', 'baseline_bytes', 'cubic_kernel', 'upsample_matrix',
-           'upsample', 'super_resolution', 'plot_sr', 'sr_batched', 'coded_subset', 'coding_metrics', 'evaluate_flow',
-           'build_flow', 'load_flow_run', 'train_flow', 'per_image_codec', 'in_processes', 'per_image_summary',
-           'eval_flow', 'read_image', 'compress_file', 'decompress_file', 'add_cli', 'flow_report', 'eval_report']
+           'IMAGE_SUFFIXES', 'SR_REFERENCE', 'EVAL_CODECS', 'CodecError', 'RansEncoder', 'RansDecoder',
+           'mixture_tables', 'mixture_cdf', 'quantised_cdf', 'pmf_rows', 'AnsDecoder', 'put_varint', 'get_varint',
+           'zigzag', 'unzigzag', 'model_id', 'one_thread', 'symbols', 'compress', 'read_header', 'decompress',
+           'theoretical_bits', 'll_to_image', 'progressive', 'plot_progressive', 'baseline_files', 'baseline_bytes',
+           'cubic_kernel', 'upsample_matrix', 'upsample', 'reference_lowres', 'super_resolution', 'plot_sr',
+           'sr_batched', 'coded_subset', 'coding_metrics', 'evaluate_flow', 'build_flow', 'load_flow_run', 'train_flow',
+           'per_image_codec', 'in_processes', 'per_image_summary', 'eval_flow', 'read_image', 'compress_file',
+           'decompress_file', 'add_cli', 'flow_report', 'eval_report']
 
 # %% ../nbs/41_codec.ipynb #28a56b1d
 PREC, RANS_L = 24, 1 << 31
@@ -574,19 +575,29 @@ def upsample(low: Tensor, size: tuple, step: float, origin: tuple = (0., 0.), mo
     Wh, Ww = (upsample_matrix(n, m, step, o, mode, a).to(low.device) for n, m, o in zip(low.shape[-2:], size, origin))
     return torch.einsum('ph,...hw,qw->...pq', Wh, low.double(), Ww).to(low.dtype)
 
+# %% ../nbs/41_codec.ipynb #8316026f
+@torch.no_grad()
+def reference_lowres(images: Tensor, level: int = 0, colour: bool = True,
+                     init: str = 'legall') -> tuple[Tensor, int, tuple[float, float]]:
+    """`(low, s, origin)`: level `level`'s LL of the fixed `init` filter bank as a picture, and where its samples sit
+    (pixel s i + origin): what the nearest and bicubic baselines upsample."""
+    f = WaveletFlowTransform(images.shape[1], init, width=0, colour=colour).to(images.device)
+    lls = []
+    f(images.float(), level + 1, lls=lls)
+    return ll_to_image(lls[level], f.colour), *ll_grid(f, level)
+
 # %% ../nbs/41_codec.ipynb #b7915a7b
 @torch.no_grad()
 def super_resolution(model: WaveletFlow, images: Tensor, level: int = 0, temperatures=(0.0, 1.0),
-                     seed: int = 0) -> dict:
-    """PSNR/SSIM of 2^(level+1)x super-resolution from the flow's LL: flow samples at each temperature vs nearest and
-    bicubic on the LL's grid."""
+                     seed: int = 0, reference: str = 'legall') -> dict:
+    """PSNR/SSIM of 2^(level+1)x super-resolution: flow samples from its own LL at each temperature vs nearest and
+    bicubic from the fixed `reference` filter bank's LL on its grid."""
     dev = next(model.parameters()).device
     x = images.to(dev).float()
     lls = []
     model.encode(x, lls=lls)
     LL, size = lls[level], tuple(x.shape[-2:])
-    low = ll_to_image(LL, model.transform.colour)
-    s, origin = ll_grid(model.transform, level)                 # where the LL samples sit on the pixel grid
+    low, s, origin = reference_lowres(x, level, model.transform.colour, reference)
     outs = {'nearest': upsample(low, size, s, origin, 'nearest'),
             'bicubic': upsample(low, size, s, origin).clamp(0, 255)}
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -595,7 +606,7 @@ def super_resolution(model: WaveletFlow, images: Tensor, level: int = 0, tempera
     for k, v in outs.items():
         outs[k] = v = v.round().to(torch.uint8).cpu()
         res[k] = dict(psnr=psnr(v, images).mean().item(), ssim=ssim(v, images).mean().item())
-    return dict(factor=s, metrics=res, images=outs)
+    return dict(factor=s, metrics=res, images=outs, reference=reference)
 
 # %% ../nbs/41_codec.ipynb #4c39f0ad
 def plot_sr(images: Tensor, sr: dict, path=None, n: int = 6):
@@ -700,6 +711,7 @@ def evaluate_flow(model: WaveletFlow, test, out, code_images: int = 1000, stream
         sr = super_resolution(model, srs, level, seed=seed)
         plot_sr(srs, sr, out / f"sr_x{sr['factor']}.png")
         res[f"sr_x{sr['factor']}"] = sr['metrics']
+    res['sr_baseline_ll'] = sr['reference']
     H, W = imgs.shape[-2:]
     samples = model.sample(64, (H, W), 1.0, torch.Generator(device=dev).manual_seed(seed))
     save_grid(samples.cpu(), out / 'samples.png', 8)
@@ -843,6 +855,18 @@ def per_image_summary(flow: dict, baselines: dict, dims: int) -> dict:
     return res
 
 
+# %% ../nbs/41_codec.ipynb #2e4b1d55
+def _eval_coding(model: WaveletFlow, sub: Tensor, workers: int, out) -> dict:
+    "`eval_flow`'s coding part: the model's bits/dim, every codec one file per image, a progressive decoding."
+    res = dict(bpd_model=_model_bpd(model, sub)['bpd_model_fp32'],
+               bpd_model_float64=theoretical_bits(model, sub) / sub.numel())
+    flow = in_processes(_codec_chunk, sub, workers, model, desc='flow, one file per image')
+    base = in_processes(baseline_files, sub, workers, desc='baselines, one file per image')
+    res.update(per_image_summary(flow, base, sub[0].numel()))
+    res['file_overhead_vs_model_pct'] = 100 * (res['bpd_per_image_file'] / res['bpd_model'] - 1)
+    if out: res['progressive_bytes'] = _progressive_figure(model, compress(model, sub[:1], 1), sub[0], Path(out))
+    return res
+
 # %% ../nbs/41_codec.ipynb #db66709a
 def eval_flow(
     ckpt: str = 'runs/flow',  # the --ckpt folder of wavenb train flow
@@ -852,10 +876,12 @@ def eval_flow(
     out: str | None = None,  # folder for metrics.json and the figures (default: none)
     raw_weights: bool = False,  # the raw weights instead of the EMA ones (what model.pt holds)
     workers: int = 1,  # processes coding images side by side, each on one thread (one per core at most)
+    sr_only: bool = False,  # only super-resolution: nothing coded, no bits/dim (a quick re-run into its own --out)
     seed: int = 0,
 ) -> dict:
     """Every image in its own file: the flow (timed, checked) against PNG, WebP and JPEG XL lossless on the same
-    images, the model's bits/dim, super-resolution x2/x4 against nearest and bicubic, a progressive decoding."""
+    images, the model's bits/dim, super-resolution x2/x4 against nearest and bicubic (from the LeGall 5/3 LL), a
+    progressive decoding."""
     if not test_data: raise ValueError('no images to code: give --test-data SOURCE[:SPLIT]')
     for k, v in dict(images=images, sr_images=sr_images, workers=workers).items():
         if v is not None and v < 1: raise ValueError(f'{k} must be at least 1, got {v}')
@@ -867,22 +893,14 @@ def eval_flow(
     res = dict(images=len(sub), test_data=test.name, test_sha256=test.checksum,
                same_test_images_as_run=test.checksum == cfg.get('test_sha256'),
                codec_threads=int(os.environ.get('WAVENB_CODEC_THREADS', 1)), workers=workers)
-    res['bpd_model'] = _model_bpd(model, sub)['bpd_model_fp32']
-    res['bpd_model_float64'] = theoretical_bits(model, sub) / sub.numel()
-    flow = in_processes(_codec_chunk, sub, workers, model, desc='flow, one file per image')
-    base = in_processes(baseline_files, sub, workers, desc='baselines, one file per image')
-    res.update(per_image_summary(flow, base, sub[0].numel()))
-    res['file_overhead_vs_model_pct'] = 100 * (res['bpd_per_image_file'] / res['bpd_model'] - 1)
-    if out:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        res['progressive_bytes'] = _progressive_figure(model, compress(model, sub[:1], 1), sub[0], out)
+    if out: Path(out).mkdir(parents=True, exist_ok=True)
+    if not sr_only: res.update(_eval_coding(model, sub, workers, out))
     srs = sub if sr_images is None else sub[:sr_images]
     for level in (0, 1):
         factor, metrics, first = sr_batched(model, srs, level, seed=seed)
-        if out: plot_sr(srs, first, out / f'sr_x{factor}.png')
+        if out: plot_sr(srs, first, Path(out) / f'sr_x{factor}.png')
         res[f'sr_x{factor}'] = metrics
-    res['sr_images'] = len(srs)
+    res.update(sr_images=len(srs), sr_baseline_ll=first['reference'])
     # how long it all took, and the load average: about 1 when it ran alone on the machine (the codec's one thread)
     res.update(eval_time_s=round(time.perf_counter() - t0, 1),
                load_average_1_5_15_min=[round(v, 2) for v in os.getloadavg()], cpu_count=os.cpu_count())
@@ -1029,10 +1047,14 @@ def _codec_report(r: dict, name: str, b: dict | None) -> list[str]:
     return out
 
 # %% ../nbs/41_codec.ipynb #4ecef5ce
+SR_REFERENCE = {'legall': 'LeGall 5/3 LL on its grid'}    # what `sr_baseline_ll` names
+
 def _sr_report(m: dict, b: dict | None) -> list[str]:
     "Markdown lines: super-resolution x2 and x4, PSNR and SSIM of every method."
     if b is None:
-        rows = [(k, k, m) for k in ('flow T=0', 'flow T=1', 'bicubic', 'nearest') if k in m['sr_x2']]
+        ll = SR_REFERENCE.get(m.get('sr_baseline_ll'), "*superseded:* the trained flow's own LL")
+        rows = [(k if k.startswith('flow') else f'{k}, {ll}', k, m)
+                for k in ('flow T=0', 'flow T=1', 'bicubic', 'nearest') if k in m['sr_x2']]
     else:
         bm = b['metrics']
         rows = [('flow T=0 (the run)', 'flow T=0', m), ('flow T=1 (the run)', 'flow T=1', m),
@@ -1064,15 +1086,14 @@ def flow_report(folder, baselines=None) -> str:
 EVAL_CODECS = (('flow', 'file'), ('JPEG XL lossless (libjxl, effort 10)', 'jpegxl'),
                ('WebP lossless (Pillow, method 6)', 'webp'), ('PNG (Pillow, optimize, level 9)', 'png'))
 
-def eval_report(folder) -> str:
-    "Markdown summary of a `wavenb eval flow` result folder."
-    r = read_results(folder)
+def _eval_codec_lines(r: dict, name: str) -> list[str]:
+    "Markdown lines: every codec one file per image with its times, then the flow's own rates."
     m = r['metrics']
     ms = {'file': (m['compress_ms'], m['decompress_ms']),
           **{k: (v['encode'], v['decode']) for k, v in m['baseline_ms'].items()}}
     bpd = {k: m[f'bpd_per_image_{k}'] for _, k in EVAL_CODECS}
     both = m['compress_plus_decompress_ms']
-    out = [f"**{'/'.join(Path(folder).parts[-2:])}** ({m['images']} images of {m['test_data']}, each in its own file; "
+    out = [f"**{name}** ({m['images']} images of {m['test_data']}, each in its own file; "
            f"{m['codec_threads']} thread): {provenance(r)}", '',
            '| one file per image, headers included | bits/dim | encode, ms/image (median) '
            '| decode, ms/image (median) |',
@@ -1085,5 +1106,17 @@ def eval_report(folder) -> str:
            f"model); the files are {m['file_overhead_vs_model_pct']:+.2f}% over the float32 rate, "
            f"{m['header_bytes_per_image']:.1f} bytes of header and CRC each. Compress + decompress: "
            f"{both['median']:.1f} ms median, {both['p95']:.1f} ms 95th percentile per image."]
+    return out
+
+def eval_report(folder) -> str:
+    """Markdown summary of a `wavenb eval flow` result folder: the codecs (unless it was `sr_only`), then the
+    super-resolution (unless its baselines upsampled the trained flow's own LL: superseded, not shown)."""
+    r, name = read_results(folder), '/'.join(Path(folder).parts[-2:])
+    m = r['metrics']
+    if 'bpd_per_image_file' in m: out = _eval_codec_lines(r, name)
+    else: out = [f"**{name}** (super-resolution of {m['sr_images']} images of {m['test_data']}): {provenance(r)}"]
+    if 'sr_baseline_ll' not in m:
+        return '\n'.join(out + ['', "Its super-resolution rows upsampled the trained flow's own LL for nearest and "
+                                "bicubic: superseded, not shown."])
     return '\n'.join(out + _sr_report(m, None) + [f"(super-resolution on {m['sr_images']} images)"])
 
