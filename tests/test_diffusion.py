@@ -299,7 +299,7 @@ def test_no_ema(tmp_path, one_thread):
     from wavenb.metrics import RandomFeatures
     m = train_diffusion('sample', steps=2, batch_size=8, width=16, blocks=1, warmup=1, sample_steps=2, ema=0, eval_samples=4,
                         fid_net=RandomFeatures(), ckpt=tmp_path / 'ck', out=tmp_path / 'res', device='cpu')
-    assert m['fid_sampler'] == 'DDIM 2 steps, raw weights' and math.isfinite(m['fid'])
+    assert m['fid_sampler'] == 'DDIM 2 steps, raw weights, fp32' and math.isfinite(m['fid'])
     ck = load_run(tmp_path / 'ck')[1]
     assert 'EMACB' not in ck['callbacks']
     model = load_diffusion(tmp_path / 'ck')[2]

@@ -172,6 +172,9 @@ def _add_pack(sub):
 def _fid(a):
     (rs, rsp), (os_, osp) = parse_source(a.ref), parse_source(a.other)
     ref, other = load_images(rs, rsp, size=a.size), load_images(os_, osp, size=a.size)
+    if a.images is not None:
+        if not 1 <= a.images <= len(other): raise ValueError(f'--images must be 1..{len(other)}, got {a.images}')
+        other = other.subset(torch.randperm(len(other), generator=torch.Generator().manual_seed(a.seed))[:a.images])
     device = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     t0 = time.time()
     res = fid_between(ref, other, weights=a.weights, device=device, batch_size=a.batch_size, cache=not a.no_cache,
@@ -193,6 +196,8 @@ def _add_fid(sub):
     s.add_argument('--device', help='cuda or cpu (default: cuda if available)')
     s.add_argument('--batch-size', type=int, default=250)
     s.add_argument('--size', type=int, help='resize both sets to SIZE x SIZE first')
+    s.add_argument('--images', type=int, help='evaluate a random N of OTHER, drawn with --seed (default: all of it)')
+    s.add_argument('--seed', type=int, default=0, help='seed of the --images draw (default 0)')
     s.add_argument('--no-cache', action='store_true', help='do not read or write cached feature statistics')
     s.add_argument('--out', help='folder to write metrics.json with provenance')
     s.set_defaults(fn=_fid)

@@ -258,13 +258,15 @@ def ddim_invert(model: nn.Module, schedule: Schedule, images: Tensor, space: nn.
 
 # %% ../nbs/51_diffusion.ipynb #b360b70f
 class FIDCurveCB(Callback):
-    """Every `every` steps and at the end: FID/KID of `n` EMA samples (`sample_fn(model, batch)`) against `fidkid`'s
-    reference (`reference`, if given, is recorded by its checksum), with the training time."""
+    """Every `every` steps (or `minutes` of training time) and at the end: FID/KID of `n` EMA samples
+    (`sample_fn(model, batch)`) against `fidkid`'s reference (`reference`, if given, is recorded by its checksum),
+    with the training time."""
     order = 25
-    def __init__(self, sample_fn, fidkid, n: int = 2000, every: int = 1000, batch: int = 500,
-                 reference: ImageSet | None = None):
+    def __init__(self, sample_fn, fidkid, n: int = 2000, every: int | None = 1000, batch: int = 500,
+                 reference: ImageSet | None = None, minutes: float | None = None):
+        if not every and not minutes: raise ValueError('FIDCurveCB needs every (steps) or minutes (training time)')
         self.sample_fn, self.fk, self.n, self.every, self.batch = sample_fn, fidkid, n, every, batch
-        self.reference, self.curve = reference, []
+        self.reference, self.minutes, self.curve, self.timed = reference, minutes, [], 0
     def _run(self):
         L = self.learn
         if not L.is_main: return
@@ -281,11 +283,15 @@ class FIDCurveCB(Callback):
                                feature_net=r['fid_feature_net'], **sha))
         L.history['fid'] = self.curve
     def after_batch(self):
-        if self.learn.step % self.every == 0: self._run()
+        t = self.learn.train_time
+        # timed points: the k-th once the training time passes k * minutes
+        timed = bool(self.minutes) and t >= 60 * self.minutes * (self.timed + 1)
+        if timed: self.timed = int(t // (60 * self.minutes))
+        if timed or (self.every and self.learn.step % self.every == 0): self._run()
     def after_fit(self):
         if not self.curve or self.curve[-1]['step'] != self.learn.step: self._run()
-    def state_dict(self): return {'curve': self.curve}
-    def load_state_dict(self, sd): self.curve = list(sd['curve'])
+    def state_dict(self): return {'curve': self.curve, 'timed': self.timed}
+    def load_state_dict(self, sd): self.curve, self.timed = list(sd['curve']), sd.get('timed', 0)
 
 
 # %% ../nbs/51_diffusion.ipynb #ab97e201
@@ -359,7 +365,7 @@ def diffusion_report(L, sample_fn, reference: ImageSet, out, eval_samples: int =
         fk = fid_metric(reference, fid_net, device=L.device)
         weights = 'EMA' if L.ema_model is not None else 'raw'
         res.update(sample_and_score(lambda b: sample_fn(m, b), eval_samples, fk, 500, 'symmetric', reference),
-                   fid_sampler=f'DDIM {sample_steps} steps, {weights} weights')
+                   fid_sampler=f'DDIM {sample_steps} steps, {weights} weights, {L.precision}')
     if L.history.get('fid'):
         res.update(fid_curve_report(L.history['fid'], reference, fid_net, out / 'fid_vs_time.png', title))
     return res
@@ -419,6 +425,7 @@ def train_diffusion(
     sample_steps: int = 50,  # DDIM steps of the grids and of the evaluation
     eval_samples: int = 0,  # FID/KID of this many samples at the end (0: none)
     fid_every: int | None = None,  # a point of the FID-vs-training-time curve every N steps
+    fid_every_minutes: float | None = None,  # or every N minutes of training time (evaluation excluded)
     fid_curve_samples: int = 2000,  # samples per point of the FID curve
     fid_weights: str | None = None,  # TorchScript FID Inception network (see wavenb fid --help)
     fid_net: nn.Module | None = None,  # the FID feature network (default: the Inception network of fid_weights)
@@ -426,12 +433,14 @@ def train_diffusion(
 ) -> dict:
     """Train a pixel- or wavelet-space diffusion model (resumes exactly), writing OUT/metrics.json, samples.png,
     loss.png. FID/KID are measured against `test_data` if given, else against the training images."""
-    if fid_net is None and (eval_samples or fid_every): fid_net = InceptionFeatures(fid_weights)  # fails now: not later
+    curve_on = bool(fid_every or fid_every_minutes)
+    if fid_net is None and (eval_samples or curve_on): fid_net = InceptionFeatures(fid_weights)  # fails now: not later
     ds, ref = diffusion_data(data, size, split, test_data)
     cfg = diffusion_config(ds.shape, space, levels, wavelet, backbone, width, mults, blocks, mix_levels, match_unet, T,
                            schedule, pred, band_scaling)
     cfg, sp, sched, model = setup_diffusion(ckpt, cfg, ds, ref if test_data else None, seed)
-    draw = lambda m, n, **kw: sample(m, sched, (n, *ds.shape), sp, 'ddim', sample_steps, pred=pred, **kw)
+    def draw(m, n, **kw):     # sampling runs in the training's precision (bf16 autocast: its faster forward pass)
+        with L.autocast(): return sample(m, sched, (n, *ds.shape), sp, 'ddim', sample_steps, pred=pred, **kw)
     report = lambda L: diffusion_report(L, draw, ref, out, eval_samples, fid_net, sample_steps, f'{space}, {backbone}')
     cbs = [DiffusionCB(sched, sp, pred), *run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every,
            dataset=ds, metrics_fn=report, experiment='diffusion', config=cfg, time_budget_min=minutes)]
@@ -439,8 +448,9 @@ def train_diffusion(
     if sample_every: cbs.append(SampleCB(grid, Path(out) / 'progress', every=sample_every, scale='symmetric'))
     L = Learner(model, ds, F.mse_loss, batch_size=batch_size, lr=lr, seed=seed, device=device, precision=precision,
                 compile=compile, num_workers=workers, collate=Collate(scale='symmetric', flip=True), cbs=cbs)
-    fk = fid_metric(ref, fid_net, device=L.device) if fid_every else None   # on the Learner's device
-    curve = [FIDCurveCB(draw, fk, fid_curve_samples, fid_every, reference=ref)] if fid_every else []
+    fk = fid_metric(ref, fid_net, device=L.device) if curve_on else None   # on the Learner's device
+    curve = [FIDCurveCB(draw, fk, fid_curve_samples, fid_every, reference=ref, minutes=fid_every_minutes)
+             ] if curve_on else []
     return L.fit(steps, cbs=curve).results
 
 
