@@ -15,7 +15,7 @@ from torch import nn, Tensor
 from .haar import dwt2_stacked, idwt2_stacked, filter_bank
 from .data import ImageSet, Collate, to_float
 from .learner import Callback, Learner, SampleCB, keep_rng, save_config
-from .metrics import InceptionFeatures, save_grid, write_metrics, plot_bars
+from .metrics import InceptionFeatures, save_grid, write_metrics, plot_bars, read_results, provenance
 from .run import load_source, run_callbacks, fid_metric, sample_and_score, load_model, add_command
 from .unet import UNet, match_width, n_params, norm
 
@@ -26,7 +26,7 @@ __all__ = ['PREDICTIONS', 'BENCH_CONFIGS', 'IMPLS', 'COMPILE_MODES', 'Schedule',
            'sample', 'ddim_invert', 'FIDCurveCB', 'time_to_fid', 'diffusion_config', 'build_diffusion',
            'fid_curve_report', 'diffusion_report', 'diffusion_data', 'fit_band_scales', 'setup_diffusion',
            'train_diffusion', 'load_diffusion', 'sample_diffusion', 'diffusers_unet', 'bench_denoiser', 'format_rows',
-           'bench_diffusion', 'compare_runs', 'plot_fid_curves', 'eval_diffusion', 'add_cli']
+           'bench_diffusion', 'compare_runs', 'plot_fid_curves', 'eval_diffusion', 'add_cli', 'diffusion_summary']
 
 # %% ../nbs/51_diffusion.ipynb #3487d54e
 class Schedule(nn.Module):
@@ -652,6 +652,8 @@ def _curve_protocol(folder, r: dict) -> tuple:
 
 
 # %% ../nbs/51_diffusion.ipynb #7830fd90
+def _ratio(a, b) -> float | None: return round(a / b, 2) if a and b else None
+
 def _compare_row(folder, r: dict, ref: dict, n: int, target: float, t_ref: float | None) -> dict:
     "The table row of results `r` against the reference results `ref` (`n` samples per curve point, the `target` FID)."
     m, c = r['metrics'], r.get('config', {})
@@ -663,6 +665,7 @@ def _compare_row(folder, r: dict, ref: dict, n: int, target: float, t_ref: float
                 peak_gib=round(r['peak_memory_bytes'] / 2 ** 30, 2) if r.get('peak_memory_bytes') else None,
                 train_min=round(r['train_time_s'] / 60, 2), fid=m.get('fid'), kid=m.get('kid'),
                 fid_samples=m.get('fid_samples'), sample_s_per_1k=m.get('sample_s_per_1k_images'),
+                sampling_speedup=_ratio(ref['metrics'].get('sample_s_per_1k_images'), m.get('sample_s_per_1k_images')),
                 curve_fid=m['fid_curve'][-1]['fid'], fid_curve_samples=n, target_fid=target,
                 min_to_ref_fid=None if t is None else round(t / 60, 2),
                 speedup_to_ref_fid=None if not t else round(t_ref / t, 2))
@@ -742,3 +745,15 @@ def add_cli(cmds: dict):
     add_command(cmds['bench'], 'diffusion', bench_diffusion,
                 help='denoiser training speed: pixel vs wavelet, wavenb vs diffusers')
 
+
+# %% ../nbs/51_diffusion.ipynb #73249963
+def diffusion_summary(folder) -> str:
+    "Markdown: what a `train_diffusion` results folder trained, how fast, and its final FID/KID."
+    r = read_results(folder)
+    c, m = r['config'], r['metrics']
+    space = c['space'] + (f", {c['levels']} level{'s' if c['levels'] > 1 else ''}" if c['space'] == 'wavelet' else '')
+    fid = (f"FID {m['fid']:.2f}, KID {m['kid']:.4f} with {m['fid_samples']:,} samples ({m['fid_sampler']})"
+           if 'fid' in m else 'no final FID')
+    return (f"**{Path(folder).name}** ({space}, {c['backbone']}, {r['parameters'] / 1e6:.2f}M parameters): "
+            f"{provenance(r)}\n\n{r['images_per_s']:.1f} training images/s; {fid}; sampling "
+            f"{m['sample_s_per_1k_images']:.0f} s per 1,000 images.")
