@@ -746,7 +746,7 @@ def add_cli(cmds: dict):
                 help='denoiser training speed: pixel vs wavelet, wavenb vs diffusers')
 
 
-# %% ../nbs/51_diffusion.ipynb #73249963
+# %% ../nbs/51_diffusion.ipynb #53092e3b
 def diffusion_summary(folder) -> str:
     "Markdown: what a `train_diffusion` results folder trained, how fast, and its final FID/KID."
     r = read_results(folder)
