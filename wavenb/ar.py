@@ -278,8 +278,8 @@ def ar_config(vqvae, vcfg: dict, vq: BandVQVAE, train, test, **model) -> dict:
 # %% ../nbs/21_wavelet_ar.ipynb #21f69b0c
 def ar_report(L, vq: BandVQVAE, test, test_seqs: Tensor, out: Path, sampling: dict, throughput_n: int = 256,
               seed: int = 0, eval_samples: int = 0, fid_net: nn.Module | None = None, reference=None) -> dict:
-    """With the EMA weights (if any): test NLL, KV-cache throughput, `out/samples.png`, and FID/KID of samples and of
-    the VQ-VAE's reconstructions."""
+    """With the EMA weights (if any): test NLL, KV-cache throughput, sampling time per 1,000 decoded images,
+    `out/samples.png`, and FID/KID of samples and of the VQ-VAE's reconstructions against `reference`."""
     m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
     weights = 'raw' if L.ema_model is None else 'EMA'
     r = dict(prior_nll(m, test_seqs, test.shape[1] * test.shape[2]), tokens_per_image=m.T, bands=vq.bands,
@@ -287,9 +287,12 @@ def ar_report(L, vq: BandVQVAE, test, test_seqs: Tensor, out: Path, sampling: di
              sampling=dict(sampling, weights=weights))
     r['throughput'] = sampling_throughput(m, throughput_n, seed, **sampling)
     sample = code_sampler(m, vq, torch.Generator(device=L.device).manual_seed(seed), **sampling)
-    save_grid(sample(64), out / 'samples.png', 8, 'symmetric')
+    t0, imgs = time.perf_counter(), sample(min(256, max(eval_samples, 64)))   # codes (KV cache) and decoding
+    _sync(L.device)
+    r['sample_s_per_1k_images'] = round((time.perf_counter() - t0) * 1000 / len(imgs), 2)
+    save_grid(imgs[:64], out / 'samples.png', 8, 'symmetric')
     if eval_samples > 0:
-        fk = fid_metric(reference, fid_net, device=L.device)                   # against the whole training split
+        fk = fid_metric(reference, fid_net, device=L.device)
         r.update(sample_and_score(sample, eval_samples, fk, batch=1000, scale='symmetric', reference=reference))
         rec = (vq(to_float(x.to(L.device), 'symmetric'))['image'] for x in test.images.split(1000))
         fid_rec = sample_and_score(lambda b: next(rec), len(test), fk, 1000, 'symmetric')['fid']
@@ -335,8 +338,9 @@ def train_ar(
     seqs, test_seqs = encode_images(vq, train.images, flip), encode_images(vq, test.images)
     encode_s = round(time.perf_counter() - t0, 2)
     sampling = dict(temperature=temperature, top_k=_opt_int(top_k), top_p=top_p)
+    ref = test if test_data else train           # FID against the test set when there is one (as every model here)
     report = lambda L: dict(ar_report(L, vq, test, test_seqs, Path(out), sampling, throughput_n, seed, eval_samples,
-                                      fid_net, train), encode_s=encode_s)
+                                      fid_net, ref), encode_s=encode_s)
     cbs = run_callbacks(ckpt, out, warmup, minutes, ema=ema, ckpt_every=ckpt_every, dataset=train, metrics_fn=report,
                         experiment='ar', config=cfg, sequences=len(seqs), figures=['samples.png', 'loss.png'])
     return Learner(prior, CodeSet(seqs), prior_loss, batch_size=batch_size, lr=lr, seed=seed, device=device,

@@ -15,7 +15,8 @@ from torch import nn, Tensor
 from .haar import dwt2_stacked, idwt2_stacked, filter_bank
 from .data import ImageSet, Collate, to_float
 from .learner import Callback, Learner, SampleCB, keep_rng, save_config
-from .metrics import InceptionFeatures, save_grid, write_metrics, plot_bars, read_results, provenance
+from .metrics import (InceptionFeatures, save_grid, write_metrics, plot_bars, read_results, provenance,
+                            same_device)
 from .run import load_source, run_callbacks, fid_metric, sample_and_score, load_model, add_command
 from .unet import UNet, match_width, n_params, norm
 
@@ -668,7 +669,8 @@ def _compare_row(folder, r: dict, ref: dict, n: int, target: float, t_ref: float
                 sampling_speedup=_ratio(ref['metrics'].get('sample_s_per_1k_images'), m.get('sample_s_per_1k_images')),
                 curve_fid=m['fid_curve'][-1]['fid'], fid_curve_samples=n, target_fid=target,
                 min_to_ref_fid=None if t is None else round(t / 60, 2),
-                speedup_to_ref_fid=None if not t else round(t_ref / t, 2))
+                speedup_to_ref_fid=None if not t else round(t_ref / t, 2),
+                same_device=same_device(r.get('device'), ref.get('device')))
 
 
 # %% ../nbs/51_diffusion.ipynb #2dd707fb
@@ -690,6 +692,9 @@ def compare_runs(folders, reference: int = 0) -> list[dict]:
         raise ValueError('these FID curves were measured differently, so their FIDs are not comparable: ' + '; '.join(
             f'{Path(f).name}: {n} samples, reference {ref[:12]}, {net}' for f, (n, ref, net) in zip(folders, protos)))
     ref = runs[reference]
+    if any(same_device(r.get('device'), ref.get('device')) is False for r in runs):
+        raise ValueError('these runs were made on different devices, so their speeds are not comparable: ' + '; '.join(
+            f"{Path(f).name}: {r.get('device')}" for f, r in zip(folders, runs)))
     rc = ref['metrics']['fid_curve']
     if ref.get('steps') is not None and rc[-1]['step'] != ref['steps']:
         raise ValueError(f"the reference's FID curve ends at step {rc[-1]['step']}, "

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from .data import Collate, ImageSet
-from .metrics import write_metrics, dataset_info, save_grid, plot_losses
+from .metrics import write_metrics, dataset_info, save_grid, plot_losses, warn_slow_bf16
 
 # %% auto #0
 __all__ = ['ADDED_CBS', 'EVAL_KEYS', 'CKPT_FORMAT', 'ResumableSampler', 'rng_state', 'set_rng_state', 'seed_everything',
@@ -147,6 +147,7 @@ class Learner:
         self.precision = precision or ('bf16' if self.device.type == 'cuda' else 'fp32')
         if self.precision not in ('fp32', 'bf16', 'fp16'):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        if self.precision == 'bf16': warn_slow_bf16(self.device, 'training in bfloat16 autocast')
         self.seed, self.bs, self.loss_func = seed, batch_size, loss_func
         self.train_ds, self.valid_ds = train_ds, valid_ds
         self.collate, self.num_workers, self.valid_collate = collate or Collate(), num_workers, valid_collate

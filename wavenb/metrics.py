@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_metrics.ipynb #818a37b2
 from __future__ import annotations
-import hashlib, importlib.util, json, math, os, platform, subprocess, sys, warnings
+import functools, hashlib, importlib.util, json, math, os, platform, re, subprocess, sys, warnings
 from importlib.metadata import PackageNotFoundError, version
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from .data import ImageSet, cache_dir, to_uint8, repo_root
 
 # %% auto #0
-__all__ = ['FID_OPTIONS', 'fid_weights_path', 'file_sha256', 'InceptionFeatures', 'RandomFeatures', 'FIDKID', 'fid_between',
-           'psnr', 'ssim', 'bits_per_dim', 'accuracy', 'image_grid', 'save_grid', 'show_grid', 'plot_losses',
-           'plot_bars', 'plot_band_energy', 'device_name', 'run_info', 'dataset_info', 'write_metrics', 'read_results',
-           'shown_command', 'package_version', 'provenance']
+__all__ = ['FID_OPTIONS', 'fid_weights_path', 'file_sha256', 'cpu_info', 'native_bf16', 'warn_slow_bf16', 'InceptionFeatures',
+           'RandomFeatures', 'FIDKID', 'fid_between', 'psnr', 'ssim', 'bits_per_dim', 'accuracy', 'image_grid',
+           'save_grid', 'show_grid', 'plot_losses', 'plot_bars', 'plot_band_energy', 'device_name', 'same_device',
+           'run_info', 'dataset_info', 'write_metrics', 'read_results', 'shown_command', 'package_version',
+           'provenance']
 
 # %% ../nbs/03_metrics.ipynb #d9cb710e
 FID_OPTIONS = ('pass weights=PATH (wavenb fid --weights PATH) to the TorchScript FID Inception network, '
@@ -63,6 +64,26 @@ def _as_unit_float(x: Tensor) -> Tensor:
     if not x.is_floating_point(): raise TypeError(f'images must be uint8 or float in [0, 1], got {x.dtype}')
     return x.float()
 
+# %% ../nbs/03_metrics.ipynb #664c3973
+@functools.cache
+def cpu_info(path='/proc/cpuinfo') -> tuple[str, frozenset]:
+    "(model name, feature flags) of this CPU, read from `path` (Linux); elsewhere (`platform.processor()`, no flags)."
+    try: lines = Path(path).read_text().splitlines()
+    except OSError: return platform.processor(), frozenset()
+    field = lambda k: next((l.split(':', 1)[1].strip() for l in lines if l.split(':')[0].strip() == k), '')
+    return field('model name'), frozenset((field('flags') or field('Features')).split())   # x86, or Arm
+
+def native_bf16(path='/proc/cpuinfo') -> bool | None:
+    "Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX on x86, BF16 on Arm); None: unknown."
+    flags = cpu_info(path)[1]
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'}) if flags else None
+
+def warn_slow_bf16(device, what: str = 'bfloat16 autocast'):
+    "Warn when `what` would run in bfloat16 on a CPU that has to emulate it (many times slower than float32 there)."
+    if torch.device(device).type == 'cpu' and native_bf16() is False:
+        warnings.warn(f'{what} on a CPU without native bfloat16 (no AVX512-BF16 or AMX) is emulated and many times '
+                      'slower than float32 here: use fp32 on this machine', stacklevel=3)
+
 # %% ../nbs/03_metrics.ipynb #1f0b7866
 class InceptionFeatures(nn.Module):
     """Images (uint8, or float in [0, 1]) -> 2048-d Inception pool features of the standard FID network; `precision`
@@ -86,7 +107,9 @@ class InceptionFeatures(nn.Module):
             self.uint8_input, self.ident = False, f'{path.name}:{file_sha256(path)[:16]}'
         for p in self.net.parameters(): p.requires_grad_(False)  # (TorchScript modules lack requires_grad_)
         self.precision = precision
-        if precision == 'bf16': self.ident += '-bf16'
+        if precision == 'bf16':
+            self.ident += '-bf16'
+            if not torch.cuda.is_available(): warn_slow_bf16('cpu', 'the FID network in bfloat16')
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -324,10 +347,19 @@ def _git(*args) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 def device_name(device=None) -> str:
-    "A readable name of the device: the GPU model, or the CPU."
+    """A readable name of the device: the GPU model, or the CPU with the vector instructions PyTorch uses on it and
+    whether it has native bfloat16 (both change speeds several-fold between CPUs)."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
-    return f'CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
+    bf16 = {True: ', native bf16', False: ', no native bf16', None: ''}[native_bf16()]
+    return (f'CPU ({cpu_info()[0] or platform.machine()}, {platform.machine()}, {os.cpu_count()} cores, '
+            f'{torch.backends.cpu.get_cpu_capability()}{bf16})')
+
+def same_device(a: str | None, b: str | None) -> bool | None:
+    """Whether two results name the same kind of device; None when one cannot tell: no device recorded, or a CPU name
+    written before names gave the CPU's model and instructions ('CPU (x86_64, 2 cores)')."""
+    vague = lambda d: d is None or re.fullmatch(r'CPU \([^,()]+, \d+ cores\)', d) is not None
+    return None if vague(a) or vague(b) else a == b
 
 # %% ../nbs/03_metrics.ipynb #6dacbb60
 def _outside(folder) -> list[str]:

@@ -587,9 +587,10 @@ def wno_loss(levels: int, lambda_v: float = 0.1, lambda_s: float = 0.5, lambda_g
 
 # %% ../nbs/10_wno.ipynb #9ca4d0c8
 def wno_report(L, train: ImageSet, test: ImageSet, out: Path, seed: int = 0, sr_images: int | None = None,
-               eval_samples: int = 0, fid_net: nn.Module | None = None, fid_weights=None, memory: bool = False) -> dict:
-    """The final EMA generator, once: super-resolution on `test` (chains, one x2 step), figures, FID/KID against
-    `train`, GPU memory."""
+               eval_samples: int = 0, fid_net: nn.Module | None = None, fid_weights=None, memory: bool = False,
+               fid_reference: ImageSet | None = None) -> dict:
+    """The final EMA generator, once: super-resolution on `test` (chains, one x2 step), figures, sampling time,
+    FID/KID against `fid_reference` (default: `train`), GPU memory."""
     out = Path(out)
     m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
     res = dict(epochs=round(L.images_seen / len(train), 3))
@@ -598,7 +599,10 @@ def wno_report(L, train: ImageSet, test: ImageSet, out: Path, seed: int = 0, sr_
     res.update(evaluate_sr_onestep(m, xt, 250, L.device))
     res['sr_eval_s'] = round(time.perf_counter() - t0, 1)
     g = torch.Generator(device=L.device).manual_seed(seed)
-    save_grid(generate(m, 64, generator=g).float().cpu(), out / 'samples.png', 8)
+    t0, imgs = time.perf_counter(), generate(m, 256, generator=g)       # as the FID draws them: a batch of 256
+    if L.device.type == 'cuda': torch.cuda.synchronize(L.device)
+    res['sample_s_per_1k_images'] = round((time.perf_counter() - t0) * 1000 / len(imgs), 2)
+    save_grid(imgs[:64].float().cpu(), out / 'samples.png', 8)
     scales_figure(m, out / 'scales_uncond.png', 8, seed=seed,
                   title='unconditional: 4x4 canvas from the prior, grown to full size')
     scales_figure(m, out / 'scales_sr.png', 8, real=to_float(test.images[:8]), seed=seed,
@@ -607,8 +611,9 @@ def wno_report(L, train: ImageSet, test: ImageSet, out: Path, seed: int = 0, sr_
             if k.startswith(('l1_', 'adv_')) or k == 'd_loss'}
     plt.close(plot_losses(hist, out / 'loss_terms.png', log=False, title='L1 per scale and adversarial terms'))
     if eval_samples > 0:
-        fk = fid_metric(train, fid_net, fid_weights, L.device)
-        res.update(sample_and_score(lambda b: generate(m, b, generator=g), eval_samples, fk, reference=train))
+        ref = train if fid_reference is None else fid_reference
+        fk = fid_metric(ref, fid_net, fid_weights, L.device)
+        res.update(sample_and_score(lambda b: generate(m, b, generator=g), eval_samples, fk, reference=ref))
     if memory:
         res['memory'] = (memory_profile(device=L.device, plot=out / 'memory.png') if L.device.type == 'cuda'
                          else 'not measured: --memory needs a CUDA device (max_memory_allocated)')
@@ -685,11 +690,13 @@ def train_wno(data: str = 'sample', split: str | None = None, test_data: str | N
              ) -> dict:
     """Train the weight-tied Haar operator generator scale by scale. Writes OUT/metrics.json with super-resolution
     PSNR/SSIM (4x4 and 8x8 -> full size chains), the PSNR of one x2 step from the true lower level at every scale (the
-    protocol of the original claims) and, with --eval-samples, unconditional FID/KID. Checkpoints resume exactly."""
+    protocol of the original claims) and, with --eval-samples, unconditional FID/KID (against --test-data if given,
+    else the training images). Checkpoints resume exactly."""
     train, test, cfg = wno_setup(data, split, test_data, size, holdout, seed, width, depth, local, sigma, perceptual)
     model, crit, losses, gan, cfg = wno_parts(cfg, train, ckpt, seed, disc_width, lambda_v, lambda_s, lambda_g,
                                               lambda_adv, scale_weights, perceptual, fid_weights)
-    report = lambda L: wno_report(L, train, test, out, seed, sr_images, eval_samples, fid_net, fid_weights, memory)
+    ref = test if test_data else train           # FID against the test set when there is one (as every model here)
+    report = lambda L: wno_report(L, train, test, out, seed, sr_images, eval_samples, fid_net, fid_weights, memory, ref)
     cbs = wno_callbacks(ckpt, out, train, test, cfg, losses, report, not test_data, warmup, minutes, ema, ckpt_every)
     learn = WNOLearner(model, train, crit, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        precision=precision, compile=compile, num_workers=workers,
