@@ -430,7 +430,7 @@ def plot_modes(rows: list[dict], path=None):
 def bench_cpu(
     families: tuple[str, ...] | None = None,  # families to time (default: all but wmsa-p1): wmsa, vit, flow, ...
     modes: tuple[str, ...] = tuple(MODES),  # modes: fp32 bf16 fp32-cl bf16-cl compile bf16-compile
-    peers: bool = True,  # also time wavenb against diffusers and timm
+    peers: bool = True,  # also time wavenb against diffusers and timm (in fp32 and bf16, those of --modes)
     fmnist: str = 'fashion_mnist',  # Fashion-MNIST images SOURCE[:SPLIT]
     cifar10: str = 'cifar10',  # CIFAR-10 images SOURCE[:SPLIT]
     warm: int = 3,  # untimed steps first (allocation, compilation)
@@ -451,7 +451,8 @@ def bench_cpu(
                 r = dict(error=' '.join(f'{type(e).__name__}: {e}'.split())[:300])
             rows.append(dict(family=fam, mode=mode, **r, load_1min=round(os.getloadavg()[0], 2)))
             print(format_rows([rows[-1]]).splitlines()[-1], flush=True)
-    peer_rows = bench_peers(('fp32', 'bf16'), 128, warm, timed) if peers else []
+    peer_modes = [m for m in ('fp32', 'bf16') if m in modes]     # the peers in the asked modes (eager fp32/bf16)
+    peer_rows = bench_peers(peer_modes, 128, warm, timed) if peers and peer_modes else []
     res = dict(rows=rows, best=_best(rows), peers=peer_rows, threads=torch.get_num_threads())
     if out: _write_cpu_bench(res, Path(out), load0, _sources(families or DEFAULT_FAMILIES, fmnist, cifar10))
     return res

@@ -49,7 +49,8 @@ def generative_row(root, family: str, folder: str, stages=(), floor: dict | None
     "One row of the generative table from `root/folder/metrics.json` (and its `stages`), checked against `floor`."
     row = dict(family=family, folder=folder)
     missing = [f for f in (folder, *stages) if not (Path(root) / f / 'metrics.json').is_file()]
-    if missing: return dict(row, status=f'not produced yet ({", ".join(missing)})')
+    if missing:
+        return dict(row, status='not produced yet' + ('' if missing == [folder] else f' ({", ".join(missing)})'))
     rs = [read_results(Path(root) / f) for f in (folder, *stages)]
     m = rs[0]['metrics']
     runs = [x for x in rs if 'train_time_s' in x]   # training runs: an evaluation folder adds metrics, not cost
