@@ -274,7 +274,8 @@ def _refit(data: bytes, mid: bytes, **fields) -> bytes:
 @pytest.mark.parametrize('coder', ['rans', 'constriction'])
 def test_fuzzed_files_give_an_error_or_the_exact_images(crops, coder):
     """Every cut, every header bit flipped, 64 body bits flipped, random bodies, appended bytes, and crafted headers with
-    a valid CRC (huge counts): a CodecError or the exact images, never a wrong image, quickly and in little memory."""
+    a valid CRC (huge counts): a CodecError or the exact images, never a wrong image, quickly (at most a few times the
+    time of the valid file, on slow machines too) and in little memory."""
     import time, tracemalloc
     m, x = small_flow(3), crops[:2]
     mid = model_id(m)
@@ -291,6 +292,7 @@ def test_fuzzed_files_give_an_error_or_the_exact_images(crops, coder):
     cases += [_refit(data, mid, mode=1), _refit(data, mid, H=15), _refit(data, mid, lo=read_header(data)['lo'] + 1)]
     wrong, slowest = 0, 0.
     tracemalloc.start()
+    t = time.perf_counter(); decompress(m, data); valid = time.perf_counter() - t    # a valid file, on this machine
     for d in cases:
         t = time.perf_counter()
         try: out = decompress(m, d)
@@ -300,4 +302,4 @@ def test_fuzzed_files_give_an_error_or_the_exact_images(crops, coder):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert wrong == 0 and len(cases) > 8 * off + 64
-    assert slowest < 2 and peak < 50e6, (slowest, peak)
+    assert slowest < max(2, 3 * valid) and peak < 50e6, (slowest, valid, peak)     # no input costs much more than a valid one
