@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
-from torch import Tensor
+from torch import Tensor, nn
 from .flow import (WaveletFlow, WaveletFlowTransform, IntCollate, bpd_loss, irct, level_sizes, load_flow,
                          save_flow, ll_grid, plot_filters)
 from .learner import Learner, save_config
-from .metrics import psnr, ssim, save_grid, read_results, provenance, write_metrics
-from .run import load_source, train_test, run_callbacks, load_model, add_command
+from .metrics import psnr, ssim, save_grid, read_results, provenance, write_metrics, InceptionFeatures
+from .run import (load_source, train_test, run_callbacks, load_model, add_command, fid_metric,
+                        sample_and_score)
 
 # %% auto #0
 __all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'PMF_ENTRIES', 'ANS_START', 'MAGIC', 'VERSION', 'CODERS', 'MAX_SIDE',
@@ -32,8 +33,8 @@ __all__ = ['PREC', 'RANS_L', 'M', 'CATEGORICAL', 'PMF_ENTRIES', 'ANS_START', 'MA
            'theoretical_bits', 'll_to_image', 'progressive', 'plot_progressive', 'baseline_files', 'baseline_bytes',
            'cubic_kernel', 'upsample_matrix', 'upsample', 'reference_lowres', 'super_resolution', 'plot_sr',
            'sr_batched', 'coded_subset', 'coding_metrics', 'evaluate_flow', 'build_flow', 'load_flow_run', 'train_flow',
-           'per_image_codec', 'in_processes', 'per_image_summary', 'eval_flow', 'read_image', 'compress_file',
-           'decompress_file', 'add_cli', 'flow_report', 'eval_report']
+           'per_image_codec', 'in_processes', 'per_image_summary', 'eval_flow', 'sample_flow', 'read_image',
+           'compress_file', 'decompress_file', 'add_cli', 'flow_report', 'eval_report']
 
 # %% ../nbs/41_codec.ipynb #28a56b1d
 PREC, RANS_L = 24, 1 << 31
@@ -909,6 +910,46 @@ def eval_flow(
     return res
 
 
+# %% ../nbs/41_codec.ipynb #44d91d6f
+def sample_flow(
+    ckpt: str = 'runs/flow',  # the --ckpt folder of wavenb train flow
+    n: int = 64,  # images in the grid
+    temperature: float = 1.0,  # scale of every logistic (0: the rounded mean of the likeliest component)
+    fid_samples: int = 0,  # images scored for FID/KID against --test-data (0: none)
+    test_data: str | None = None,  # the reference images for FID/KID, SOURCE[:SPLIT] (e.g. fashion_mnist32:test)
+    size: int | None = None,  # image side (default: the reference images')
+    # TorchScript FID Inception network (see wavenb fid --help); in Python also a feature network
+    fid_weights: str | nn.Module | None = None,
+    batch: int = 250,  # images sampled at once
+    out: str = 'samples/flow', seed: int = 0, device: str | None = None,
+) -> dict:
+    """Sample a `train_flow` run (EMA weights): OUT/samples.png, the sampling time per 1,000 images and, with
+    `fid_samples`, FID/KID against `test_data`; writes OUT/metrics.json."""
+    if n < 1 or batch < 1 or fid_samples < 0:
+        raise ValueError(f'need n >= 1, batch >= 1, fid_samples >= 0; got {n}, {batch}, {fid_samples}')
+    if fid_samples and not test_data: raise ValueError('fid_samples needs --test-data (the reference images)')
+    ref = load_source(test_data) if test_data else None
+    if size is None and ref is None: raise ValueError('give --size or --test-data: the image size to sample at')
+    hw = (size, size) if size is not None else tuple(ref.shape[1:])
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model, cfg = load_flow_run(ckpt, device=device)
+    if ref is not None and ref.shape[0] != cfg['channels']:
+        raise ValueError(f'the flow in {ckpt} models {cfg["channels"]} channels, '
+                         f'the reference images have {ref.shape[0]}')
+    g = torch.Generator(device=device).manual_seed(seed)
+    draw = lambda b: model.sample(b, hw, temperature, g, device)
+    save_grid(draw(n).float() / 255, Path(out) / 'samples.png', 8)
+    t0, k = time.perf_counter(), min(n, batch)
+    draw(k)
+    res = dict(images=n, size=list(hw), temperature=temperature, seed=seed, ckpt=str(ckpt),
+               sample_s_per_1k_images=round((time.perf_counter() - t0) * 1000 / k, 2), sample_timed_images=k)
+    if fid_samples:
+        fk = fid_metric(ref, fid_weights if isinstance(fid_weights, nn.Module) else InceptionFeatures(fid_weights),
+                        device=device)
+        res.update(sample_and_score(lambda b: draw(b).float() / 255, fid_samples, fk, batch, 'unit', ref))
+    write_metrics(out, res, device=device, experiment='sample_flow', figures=['samples.png'], config=cfg)
+    return res
+
 # %% ../nbs/41_codec.ipynb #798a7362
 def read_image(path) -> Tensor:
     "An 8-bit greyscale or RGB image file as uint8 (1, C, H, W); other modes are an error naming the mode."
@@ -988,11 +1029,12 @@ def decompress_file(
 
 # %% ../nbs/41_codec.ipynb #a624f54c
 def add_cli(cmds: dict):
-    """Add `wavenb train flow`, `wavenb eval flow`, `wavenb compress` and `wavenb decompress`: their options are the
-    parameters of the functions they run."""
+    """Add `wavenb train flow`, `wavenb eval flow`, `wavenb sample flow`, `wavenb compress` and `wavenb decompress`:
+    their options are the parameters of the functions they run."""
     add_command(cmds['train'], 'flow', train_flow, help='integer wavelet flow for lossless compression')
     add_command(cmds['eval'], 'flow', eval_flow,
                 help='a trained flow as a codec: every test image in its own file, against PNG, WebP and JPEG XL')
+    add_command(cmds['sample'], 'flow', sample_flow, help='sample a trained flow (and score the samples: FID/KID)')
     add_command(cmds[''], 'compress', compress_file,
                 help='compress 8-bit greyscale/RGB images (a file or a folder) to wavenb flow files')
     add_command(cmds[''], 'decompress', decompress_file,

@@ -4,7 +4,9 @@
 
 # %% ../nbs/10_wno.ipynb #ab178f26
 from __future__ import annotations
-import math, time, typing, warnings
+import gc, importlib, math, multiprocessing, re, time, typing, warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
@@ -22,9 +24,9 @@ from .run import train_test, load_source, run_callbacks, fid_metric, sample_and_
 # %% auto #0
 __all__ = ['ORIGINAL_CLAIMS', 'SR_PROTOCOLS', 'WNO_KEYS', 'HaarOperatorLayer', 'pyramid', 'coords', 'WNO', 'grow', 'generate',
            'perceptual_blocks', 'Perceptual', 'gradient_l1', 'WNOLoss', 'PatchDiscriminator', 'PatchGANCB',
-           'WNOLearner', 'saved_bytes', 'train_memory', 'memory_plot', 'memory_profile', 'upsample', 'evaluate_sr',
-           'scales_figure', 'evaluate_sr_onestep', 'build_wno', 'load_wno', 'wno_data', 'wno_loss', 'wno_report',
-           'wno_setup', 'wno_parts', 'wno_callbacks', 'train_wno', 'sample_wno', 'add_cli']
+           'WNOLearner', 'saved_bytes', 'train_memory', 'train_memory_cpu', 'memory_plot', 'memory_profile', 'upsample',
+           'evaluate_sr', 'scales_figure', 'evaluate_sr_onestep', 'build_wno', 'load_wno', 'wno_data', 'wno_loss',
+           'wno_report', 'wno_setup', 'wno_parts', 'wno_callbacks', 'train_wno', 'sample_wno', 'add_cli']
 
 # %% ../nbs/10_wno.ipynb #f8825691
 class HaarOperatorLayer(nn.Module):
@@ -399,6 +401,15 @@ def saved_bytes(model: WNO, batch: int, size: int | None = None, device='cpu') -
     return per_scale
 
 # %% ../nbs/10_wno.ipynb #8181aae3
+def _train_step(model: WNO, targets: list[Tensor], size: int, keep_all: bool):
+    "One training step's backward passes (L1 at every scale, bf16 autocast on the model's device)."
+    def step(c, generator=None):
+        with torch.autocast(c.device.type, torch.bfloat16): return model(c, generator=generator)
+    if keep_all:     # one backward through sum_l L1(x^_l, x_l): every scale's graph is alive at once
+        sum(F.l1_loss(o.float(), t) for o, t in zip(grow(step, targets[0], size, detach=False), targets[1:])).backward()
+    else:            # one backward per scale: only the current scale's graph is alive
+        for o, t in zip(grow(step, targets[0], size), targets[1:]): F.l1_loss(o.float(), t).backward()
+
 def train_memory(model: WNO, batch: int, size: int | None = None, keep_all: bool = False, device='cuda') -> int:
     """Peak `max_memory_allocated` (bytes) of one training step (L1 at every scale, bf16 autocast): per-scale backward,
     or one backward through all scales."""
@@ -408,16 +419,36 @@ def train_memory(model: WNO, batch: int, size: int | None = None, keep_all: bool
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    def step(c, generator=None):
-        with torch.autocast('cuda', torch.bfloat16): return model(c, generator=generator)
-    if keep_all:     # one backward through sum_l L1(x^_l, x_l): every scale's graph is alive at once
-        sum(F.l1_loss(o.float(), t) for o, t in zip(grow(step, targets[0], size, detach=False), targets[1:])).backward()
-    else:            # one backward per scale: only the current scale's graph is alive
-        for o, t in zip(grow(step, targets[0], size), targets[1:]): F.l1_loss(o.float(), t).backward()
+    _train_step(model, targets, size, keep_all)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     model.zero_grad(set_to_none=True)
     return peak
+
+# %% ../nbs/10_wno.ipynb #85f7ab8f
+def _proc_kib(key: str) -> int:
+    "A `kB` field of `/proc/self/status` (Linux), e.g. `VmRSS` or `VmHWM`."
+    m = re.search(rf'^{key}:\s+(\d+) kB', Path('/proc/self/status').read_text(), re.M)
+    if m is None: raise RuntimeError(f'/proc/self/status has no {key}: CPU memory is measured on Linux only')
+    return int(m.group(1))
+
+def _rss_step(width: int, depth: int, batch: int, size: int, keep_all: bool, seed: int = 0) -> int:
+    "In this process: bytes by which the resident set grows (at its peak) over one CPU training step of a new `WNO`."
+    torch.manual_seed(seed)
+    model = WNO(width, depth, size=size)
+    targets = pyramid(torch.rand(batch, model.channels, size, size), model.size0)
+    gc.collect()
+    Path('/proc/self/clear_refs').write_text('5')    # the peak (VmHWM) starts again from the resident set now
+    base = _proc_kib('VmRSS')
+    _train_step(model, targets, size, keep_all)
+    return (_proc_kib('VmHWM') - base) * 1024
+
+def train_memory_cpu(width: int, depth: int, batch: int, size: int, keep_all: bool = False) -> int:
+    """Peak resident-memory growth (bytes) of one CPU training step of `WNO(width, depth, size)` (bf16 autocast),
+    measured in a fresh process: per-scale backward, or one backward through all scales."""
+    step = importlib.import_module('wavenb.wno')._rss_step     # the installed module's: a spawned process imports it
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as ex:
+        return ex.submit(step, width, depth, batch, size, keep_all).result()
 
 # %% ../nbs/10_wno.ipynb #ff9cf28e
 def memory_plot(res: dict, path):
@@ -429,7 +460,7 @@ def memory_plot(res: dict, path):
         if pts: ax.loglog(*zip(*pts), st, label=k.replace('_bytes', '').replace('_', ' '))
     ax.set_xticks(list(sizes), list(sizes))
     ax.set_xlabel('final resolution')
-    ax.set_ylabel('peak GiB (max_memory_allocated)')
+    ax.set_ylabel(f"peak GiB ({res.get('measure', 'max_memory_allocated')})")
     ax.set_title(f"width {res['width']}, depth {res['depth']}, batch {res['sweep']['batch']}")
     ax.legend()
     fig.tight_layout()
@@ -440,14 +471,18 @@ def memory_plot(res: dict, path):
 # %% ../nbs/10_wno.ipynb #00619ac1
 def memory_profile(width: int = 192, depth: int = 4, batch: int = 128, size: int = 64, sizes=(16, 32, 64, 128, 256),
                    sweep_batch: int = 32, device='cuda', plot=None) -> dict:
-    """GPU peak memory: recursive vs keep-all at (batch, width, size), and against the final resolution
-    (None: out of memory)."""
+    """Peak memory of recursive vs keep-all training at (batch, width, size), and against the final resolution
+    (None: out of memory): `max_memory_allocated` on a GPU, peak RSS growth of a fresh process on the CPU."""
+    cpu = torch.device(device).type == 'cpu'
     def one(s, b, keep):
-        try: return train_memory(WNO(width, depth, size=s), b, s, keep, device)
+        try: return train_memory_cpu(width, depth, b, s, keep) if cpu else train_memory(WNO(width, depth, size=s), b, s,
+                                                                                        keep, device)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return None
+        except BrokenProcessPool: return None          # the measuring process was killed (out of memory)
     res = dict(width=width, depth=depth, batch=batch, size=size, precision='bf16 autocast',
+               measure='peak RSS growth, fresh process' if cpu else 'max_memory_allocated',
                recursive_bytes=one(size, batch, False), keep_all_bytes=one(size, batch, True),
                sweep=dict(batch=sweep_batch, sizes=list(sizes),
                           recursive_bytes=[one(s, sweep_batch, False) for s in sizes],
@@ -590,7 +625,7 @@ def wno_report(L, train: ImageSet, test: ImageSet, out: Path, seed: int = 0, sr_
                eval_samples: int = 0, fid_net: nn.Module | None = None, fid_weights=None, memory: bool = False,
                fid_reference: ImageSet | None = None) -> dict:
     """The final EMA generator, once: super-resolution on `test` (chains, one x2 step), figures, sampling time,
-    FID/KID against `fid_reference` (default: `train`), GPU memory."""
+    FID/KID against `fid_reference` (default: `train`), peak memory (`memory`)."""
     out = Path(out)
     m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
     res = dict(epochs=round(L.images_seen / len(train), 3))
@@ -614,9 +649,10 @@ def wno_report(L, train: ImageSet, test: ImageSet, out: Path, seed: int = 0, sr_
         ref = train if fid_reference is None else fid_reference
         fk = fid_metric(ref, fid_net, fid_weights, L.device)
         res.update(sample_and_score(lambda b: generate(m, b, generator=g), eval_samples, fk, reference=ref))
-    if memory:
-        res['memory'] = (memory_profile(device=L.device, plot=out / 'memory.png') if L.device.type == 'cuda'
-                         else 'not measured: --memory needs a CUDA device (max_memory_allocated)')
+    if memory:   # a GPU: the configuration of the claim; the CPU: this run's model and batch, sizes up to its own
+        sizes = [2 ** k for k in range(4, int(math.log2(m.size)) + 1)]
+        res['memory'] = (memory_profile(device=L.device, plot=out / 'memory.png') if L.device.type == 'cuda' else
+                         memory_profile(m.width, m.depth, L.bs, m.size, sizes, L.bs, 'cpu', out / 'memory.png'))
     return res
 
 # %% ../nbs/10_wno.ipynb #c7a17ad9
@@ -680,7 +716,7 @@ def train_wno(data: str = 'sample', split: str | None = None, test_data: str | N
               fid_weights: str | None = None,
               eval_samples: int = 0,  # FID/KID on this many unconditional samples at the end (0: none)
               sr_images: int | None = None,  # super-resolution on the first N test images (default: all)
-              # on a GPU, measure peak memory (batch 128, width 192) and its sweep over resolutions
+              # peak memory, recursive vs keep-all, and over resolutions (GPU: batch 128, width 192; CPU: this run's)
               memory: bool = False,
               steps: int = 1000, minutes: float | None = None, batch_size: int = 64, lr: float = 1e-3,
               warmup: int = 100, ema: float = 0.999, ckpt: str = 'runs/wno', ckpt_every: int = 1000,
