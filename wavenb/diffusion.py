@@ -568,10 +568,11 @@ def bench_denoiser(model: nn.Module, shape, batch_size: int, device='cuda', time
 
 # %% ../nbs/51_diffusion.ipynb #4fe22ec0
 def format_rows(rows: list[dict], keys=None) -> str:
-    "A markdown table of `rows` (dicts)."
+    "A markdown table of `rows` (dicts); floats to 4 significant digits."
     keys = keys or list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
     head = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
-    return '\n'.join(head + ['| ' + ' | '.join(str(r.get(k, '')) for k in keys) + ' |' for r in rows])
+    return '\n'.join(head + ['| ' + ' | '.join(cell(r.get(k, '')) for k in keys) + ' |' for r in rows])
 
 def _write_bench(rows: list[dict], configs: dict, out, device):
     "OUT/bench.md, OUT/bench.png (training images/s) and OUT/metrics.json with the configurations."
