@@ -443,12 +443,16 @@ def _rss_step(width: int, depth: int, batch: int, size: int, keep_all: bool, see
     _train_step(model, targets, size, keep_all)
     return (_proc_kib('VmHWM') - base) * 1024
 
-def train_memory_cpu(width: int, depth: int, batch: int, size: int, keep_all: bool = False) -> int:
+def train_memory_cpu(width: int, depth: int, batch: int, size: int, keep_all: bool = False, repeats: int = 1) -> int:
     """Peak resident-memory growth (bytes) of one CPU training step of `WNO(width, depth, size)` (bf16 autocast),
-    measured in a fresh process: per-scale backward, or one backward through all scales."""
+    each time in a fresh process: per-scale backward, or one backward through all scales. The smallest of `repeats`
+    measurements: one-time costs (kernel setup, thread pools) add a varying few percent."""
+    if repeats < 1: raise ValueError(f'repeats must be at least 1, got {repeats}')
     step = importlib.import_module('wavenb.wno')._rss_step     # the installed module's: a spawned process imports it
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as ex:
-        return ex.submit(step, width, depth, batch, size, keep_all).result()
+    def once():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as ex:
+            return ex.submit(step, width, depth, batch, size, keep_all).result()
+    return min(once() for _ in range(repeats))
 
 # %% ../nbs/10_wno.ipynb #ff9cf28e
 def memory_plot(res: dict, path):
