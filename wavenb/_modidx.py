@@ -771,4 +771,5 @@ d = { 'settings': { 'branch': 'main',
                             'wavenb.wno.wno_loss': ('wno.html#wno_loss', 'wavenb/wno.py'),
                             'wavenb.wno.wno_parts': ('wno.html#wno_parts', 'wavenb/wno.py'),
                             'wavenb.wno.wno_report': ('wno.html#wno_report', 'wavenb/wno.py'),
+                            'wavenb.wno.wno_row': ('wno.html#wno_row', 'wavenb/wno.py'),
                             'wavenb.wno.wno_setup': ('wno.html#wno_setup', 'wavenb/wno.py')}}}

@@ -18,15 +18,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .haar import dwt2_stacked, idwt2_stacked
 from .data import ImageSet, Collate, to_float
 from .learner import Learner, Callback, GradClipCB, TrainingDiverged, save_config
-from .metrics import save_grid, plot_losses, psnr, ssim, image_grid, fid_weights_path, file_sha256
+from .metrics import (save_grid, plot_losses, psnr, ssim, image_grid, fid_weights_path, file_sha256,
+                            read_results)
 from .run import train_test, load_source, run_callbacks, fid_metric, sample_and_score, load_model, add_command
 
 # %% auto #0
-__all__ = ['ORIGINAL_CLAIMS', 'SR_PROTOCOLS', 'WNO_KEYS', 'HaarOperatorLayer', 'pyramid', 'coords', 'WNO', 'grow', 'generate',
-           'perceptual_blocks', 'Perceptual', 'gradient_l1', 'WNOLoss', 'PatchDiscriminator', 'PatchGANCB',
+__all__ = ['ORIGINAL_CLAIMS', 'SR_PROTOCOLS', 'WNO_KEYS', 'WNO_ROW_KEYS', 'HaarOperatorLayer', 'pyramid', 'coords', 'WNO', 'grow',
+           'generate', 'perceptual_blocks', 'Perceptual', 'gradient_l1', 'WNOLoss', 'PatchDiscriminator', 'PatchGANCB',
            'WNOLearner', 'saved_bytes', 'train_memory', 'train_memory_cpu', 'memory_plot', 'memory_profile', 'upsample',
            'evaluate_sr', 'scales_figure', 'evaluate_sr_onestep', 'build_wno', 'load_wno', 'wno_data', 'wno_loss',
-           'wno_report', 'wno_setup', 'wno_parts', 'wno_callbacks', 'train_wno', 'sample_wno', 'add_cli']
+           'wno_report', 'wno_setup', 'wno_parts', 'wno_callbacks', 'train_wno', 'sample_wno', 'add_cli', 'wno_row']
 
 # %% ../nbs/10_wno.ipynb #f8825691
 class HaarOperatorLayer(nn.Module):
@@ -154,21 +155,26 @@ def sample_prior(self: WNO, n: int, generator: torch.Generator | None = None) ->
     return x.clamp(0, 1).view(n, self.channels, self.size0, self.size0)
 
 # %% ../nbs/10_wno.ipynb #baf6f9ad
-def grow(model: nn.Module, canvas: Tensor, size: int, generator: torch.Generator | None = None, detach: bool = True):
-    "Yield the canvas after every 2x step until it is `size` wide (detached between steps unless `detach=False`)."
+def grow(model: nn.Module, canvas: Tensor, size: int, generator: torch.Generator | None = None, detach: bool = True,
+         zero_noise: bool = False):
+    """Yield the canvas after every 2x step until it is `size` wide (detached between steps unless `detach=False`;
+    `zero_noise`: eps_r = 0 at every step, the deterministic chain)."""
     while canvas.shape[-1] < size:
+        B, C, s, _ = canvas.shape
+        eps = dict(noise=canvas.new_zeros(B, C, 2 * s, 2 * s)) if zero_noise else {}
         # x_{r+1} = T_theta(x_r), x_r detached: a backward from scale r+1 stops at its input canvas
-        out = model(canvas.detach() if detach else canvas, generator=generator)
+        out = model(canvas.detach() if detach else canvas, generator=generator, **eps)
         yield out
         canvas = out
 
 @torch.no_grad()
 def generate(model: WNO, n: int | None = None, canvas: Tensor | None = None, size: int | None = None,
-             generator: torch.Generator | None = None, all_scales: bool = False):
-    "Unconditional (`n` canvases from the prior) or conditional (a real coarse `canvas`) generation up to `size`."
+             generator: torch.Generator | None = None, all_scales: bool = False, zero_noise: bool = False):
+    """Unconditional (`n` canvases from the prior) or conditional (a real coarse `canvas`) generation up to `size`
+    (`zero_noise`: every step without its noise)."""
     # x_0 ~ N(mu, Sigma), unless a real coarse image is given
     if canvas is None: canvas = model.sample_prior(n, generator)
-    outs = [canvas, *grow(model, canvas, size or model.size, generator)]
+    outs = [canvas, *grow(model, canvas, size or model.size, generator, zero_noise=zero_noise)]
     return outs if all_scales else outs[-1]
 
 # %% ../nbs/10_wno.ipynb #6f15f00d
@@ -506,8 +512,8 @@ def upsample(lr: Tensor, size: int, mode: str = 'bicubic') -> Tensor:
 def evaluate_sr(model: WNO, images: Tensor, from_sizes=(4, 8), batch_size: int = 250, device='cpu',
                 seed: int = 0) -> dict:
     """Chains: PSNR (dB) and SSIM, mean over images, of super-resolution from the average-pooled `from_sizes` to
-    full size through every step of the model (with its noise, seeded), next to bicubic.
-    Keys `sr_chain_{s}to{S}_{model|bicubic}_{psnr|ssim}`."""
+    full size through every step of the model, with its noise (seeded: `model`) and without it (`model_zero_noise`),
+    next to bicubic. Keys `sr_chain_{s}to{S}_{model|model_zero_noise|bicubic}_{psnr|ssim}`."""
     g = torch.Generator(device=device).manual_seed(seed)
     sums, n = {}, 0
     for i in range(0, len(images), batch_size):
@@ -516,6 +522,7 @@ def evaluate_sr(model: WNO, images: Tensor, from_sizes=(4, 8), batch_size: int =
         for s in from_sizes:
             lr = pyr[int(math.log2(s // model.size0))]
             preds = (('model', generate(model, canvas=lr, size=S, generator=g)),
+                     ('model_zero_noise', generate(model, canvas=lr, size=S, zero_noise=True)),
                      ('bicubic', upsample(lr, S, 'bicubic')))
             for name, y in preds:
                 for metric, fn in (('psnr', psnr), ('ssim', ssim)):
@@ -581,8 +588,11 @@ ORIGINAL_CLAIMS = dict(sr_psnr_db={'epoch 10': 23.8, 'epoch 20': 25.9, 'epoch 30
 
 SR_PROTOCOLS = dict(model_selection='none: the final EMA weights, evaluated once; the test split is never used for '
                                     'training or selection',
-                    sr_chain='the test image average-pooled to 4x4 (8x8), grown to full size by every step of the '
-                             'model (seeded noise); bicubic from the same input',
+                    sr_chain='the test image average-pooled to 4x4 (8x8, a quarter of full size), grown to full '
+                             'size by every step of the model, with seeded noise (model) and with zero noise '
+                             '(model_zero_noise); bicubic from the same input',
+                    sr_x4_gain_over_bicubic_db='PSNR of the zero-noise chain from a quarter of full size minus '
+                                               "bicubic's from the same input (sampled: with the chain's noise)",
                     sr_onestep='one x2 step at every transition from the true (average-pooled) lower level, zero '
                                'noise; nearest, bilinear, bicubic from the same input',
                     baselines='F.interpolate on the block-centre grid of average pooling (align_corners=False), '
@@ -634,7 +644,11 @@ def wno_report(L, train: ImageSet, test: ImageSet, out: Path, seed: int = 0, sr_
     m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
     res = dict(epochs=round(L.images_seen / len(train), 3))
     t0, xt = time.perf_counter(), test.images if sr_images is None else test.images[:sr_images]
-    res.update(evaluate_sr(m, xt, (4, 8), 250, L.device, seed))
+    S = m.size
+    res.update(evaluate_sr(m, xt, sorted({4, 8, S // 4} & set(range(m.size0, S))), 250, L.device, seed))
+    if S // 4 >= m.size0:   # the headline: x4 super-resolution against bicubic, without and with the chain's noise
+        x4 = lambda name: res[f'sr_chain_{S // 4}to{S}_{name}_psnr'] - res[f'sr_chain_{S // 4}to{S}_bicubic_psnr']
+        res.update(sr_x4_gain_over_bicubic_db=x4('model_zero_noise'), sr_x4_sampled_gain_over_bicubic_db=x4('model'))
     res.update(evaluate_sr_onestep(m, xt, 250, L.device))
     res['sr_eval_s'] = round(time.perf_counter() - t0, 1)
     g = torch.Generator(device=L.device).manual_seed(seed)
@@ -766,3 +780,16 @@ def add_cli(cmds: dict):
     add_command(cmds['train'], 'wno', train_wno,
                 help='scale-recursive wavelet neural operator generator (4x4 -> 64x64)', skip=('fid_net',))
     add_command(cmds['sample'], 'wno', sample_wno, help='sample a trained WNO generator')
+
+# %% ../nbs/10_wno.ipynb #0dd00259
+WNO_ROW_KEYS = ('fid', 'kid', 'fid_samples', 'sample_s_per_1k_images', 'sr_x4_gain_over_bicubic_db',
+                'sr_x4_sampled_gain_over_bicubic_db', 'sr_onestep_x2_mean_model_psnr', 'sr_onestep_x2_mean_bicubic_psnr')
+
+def wno_row(folder) -> dict:
+    "One `train_wno` results folder as a table row: what was trained (losses, time, speed) and its headline metrics."
+    r, folder = read_results(folder), Path(folder)
+    m, los = r['metrics'], r.get('losses', {})
+    return dict(run=folder.name, data=r['dataset']['name'], parameters=r['parameters'],
+                minutes=round(r['train_time_s'] / 60, 1), images_per_s=r['images_per_s'], epochs=m.get('epochs'),
+                gan=bool(los.get('lambda_adv')), perceptual=bool(los.get('lambda_v')),
+                **{k: m.get(k) for k in WNO_ROW_KEYS})
