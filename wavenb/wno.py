@@ -783,7 +783,8 @@ def add_cli(cmds: dict):
 
 # %% ../nbs/10_wno.ipynb #0dd00259
 WNO_ROW_KEYS = ('fid', 'kid', 'fid_samples', 'sample_s_per_1k_images', 'sr_x4_gain_over_bicubic_db',
-                'sr_x4_sampled_gain_over_bicubic_db', 'sr_onestep_x2_mean_model_psnr', 'sr_onestep_x2_mean_bicubic_psnr')
+                'sr_x4_sampled_gain_over_bicubic_db', 'sr_onestep_x2_mean_model_psnr',
+                'sr_onestep_x2_mean_bicubic_psnr')
 
 def wno_row(folder) -> dict:
     "One `train_wno` results folder as a table row: what was trained (losses, time, speed) and its headline metrics."
