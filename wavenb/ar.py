@@ -12,14 +12,15 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 from .data import to_float
 from .learner import Learner, save_config
-from .metrics import InceptionFeatures, save_grid, dataset_info, write_metrics
+from .metrics import InceptionFeatures, save_grid, dataset_info, write_metrics, read_results
 from .run import train_test, run_callbacks, fid_metric, sample_and_score, load_model, add_command
 from .vqvae import BandVQVAE, load_vqvae
 
 # %% auto #0
 __all__ = ['codes_to_seq', 'seq_to_codes', 'Block', 'CodePrior', 'prior_loss', 'filter_logits', 'sample_codes', 'prior_nll',
            'CodeSet', 'collate_codes', 'encode_images', 'check_vqvae_images', 'vqvae_data', 'sampling_throughput',
-           'build_prior', 'code_sampler', 'ar_config', 'ar_report', 'train_ar', 'load_ar', 'sample_ar', 'add_cli']
+           'build_prior', 'code_sampler', 'ar_config', 'ar_report', 'train_ar', 'load_ar', 'sample_ar', 'add_cli',
+           'vqar_row']
 
 # %% ../nbs/21_wavelet_ar.ipynb #f133b5de
 def codes_to_seq(codes: list[Tensor]) -> Tensor:
@@ -390,3 +391,16 @@ def add_cli(cmds: dict):
     `train_ar`'s and `sample_ar`'s parameters."""
     add_command(cmds['train'], 'ar', train_ar, help='autoregressive Transformer prior over VQ-VAE codes')
     add_command(cmds['sample'], 'ar', sample_ar, help='sample images from a trained code prior')
+
+# %% ../nbs/21_wavelet_ar.ipynb #1433c866
+def vqar_row(folder) -> dict:
+    "The two stages of a VQ-AR results folder (`folder/vqvae`, `folder/ar`) as one table row."
+    d = Path(folder)
+    a, q = read_results(d / 'ar'), read_results(d / 'vqvae')
+    ma, mq = a['metrics'], q['metrics']
+    return dict(run=d.name, vqvae_params=q['parameters'], prior_params=a['parameters'],
+                minutes=round((q['train_time_s'] + a['train_time_s']) / 60, 1), psnr=mq['psnr'], ssim=mq['ssim'],
+                min_codebook_used=mq['min_used'], bits_per_code=ma['bits_per_code'], fid=ma.get('fid'),
+                kid=ma.get('kid'), fid_samples=ma.get('fid_samples'),
+                fid_reconstructions=ma.get('fid_vqvae_reconstructions_of_test'),
+                sample_s_per_1k_images=ma.get('sample_s_per_1k_images'), kv_speedup=ma['throughput']['speedup'])
