@@ -280,7 +280,8 @@ def ar_config(vqvae, vcfg: dict, vq: BandVQVAE, train, test, **model) -> dict:
 def ar_report(L, vq: BandVQVAE, test, test_seqs: Tensor, out: Path, sampling: dict, throughput_n: int = 256,
               seed: int = 0, eval_samples: int = 0, fid_net: nn.Module | None = None, reference=None) -> dict:
     """With the EMA weights (if any): test NLL, KV-cache throughput, sampling time per 1,000 decoded images,
-    `out/samples.png`, and FID/KID of samples and of the VQ-VAE's reconstructions against `reference`."""
+    `out/samples.png`, and FID/KID of `eval_samples` samples and of as many reconstructed test images against
+    `reference`."""
     m = (L.raw_model if L.ema_model is None else L.ema_model).eval()
     weights = 'raw' if L.ema_model is None else 'EMA'
     r = dict(prior_nll(m, test_seqs, test.shape[1] * test.shape[2]), tokens_per_image=m.T, bands=vq.bands,
@@ -295,9 +296,11 @@ def ar_report(L, vq: BandVQVAE, test, test_seqs: Tensor, out: Path, sampling: di
     if eval_samples > 0:
         fk = fid_metric(reference, fid_net, device=L.device)
         r.update(sample_and_score(sample, eval_samples, fk, batch=1000, scale='symmetric', reference=reference))
-        rec = (vq(to_float(x.to(L.device), 'symmetric'))['image'] for x in test.images.split(1000))
-        fid_rec = sample_and_score(lambda b: next(rec), len(test), fk, 1000, 'symmetric')['fid']
-        r['fid_vqvae_reconstructions_of_test'] = fid_rec
+        # the decoder's floor: as many test images as samples (FID depends on N), encoded and decoded
+        n_rec = min(eval_samples, len(test))
+        rec = (vq(to_float(x.to(L.device), 'symmetric'))['image'] for x in test.images[:n_rec].split(1000))
+        fid_rec = sample_and_score(lambda b: next(rec), n_rec, fk, 1000, 'symmetric')['fid']
+        r.update(fid_vqvae_reconstructions_of_test=fid_rec, fid_vqvae_reconstructions_images=n_rec)
     return r
 
 # %% ../nbs/21_wavelet_ar.ipynb #2f76ab50
