@@ -111,38 +111,34 @@ def benchmark_figure(rows: list[dict], floor: dict | None = None, path=None):
     return fig
 
 # %% ../nbs/90_benchmarks.ipynb #9f321c60
-def sr_headline(root='figures', runs=(('Fashion-MNIST', 'wno_fmnist'), ('CIFAR-10', 'wno_cifar10_sr'))) -> str:
-    "Markdown lines: PSNR of the WNO's x4 chain (8x8 -> 32x32, no noise) against bicubic, and the gain in dB."
-    out = []
-    for name, folder in runs:
-        if not (Path(root) / folder / 'metrics.json').is_file(): out.append(f'- {name}: not produced yet'); continue
-        r = read_results(Path(root) / folder); m = r['metrics']
-        out.append(f"- {name} ({m['sr_images']:,} test images): x4 **{m['sr_x4_gain_over_bicubic_db']:+.2f} dB** "
-                   f"over bicubic ({m['sr_chain_8to32_model_zero_noise_psnr']:.2f} vs "
-                   f"{m['sr_chain_8to32_bicubic_psnr']:.2f} dB; {r['parameters']:,} parameters, "
-                   f"{r['train_time_s'] / 60:.0f} min of training; `{folder}`, {r['git_commit'][:7]})")
-    return '\n'.join(out)
-
-def classification_headline(root='figures', runs=(('W-MSA Transformer', 'wmsa_cpu'), ('ViT', 'vit_cpu'))) -> str:
-    "Markdown lines: test accuracy, parameters, training minutes and images/s of each classifier run."
+def _headlines(root, runs, line) -> str:
+    "Markdown: `- name` and `line(results, metrics)` per `(name, folder)` of `runs`, closed by the folder and commit."
     out = []
     for name, folder in runs:
         if not (Path(root) / folder / 'metrics.json').is_file(): out.append(f'- {name}: not produced yet'); continue
         r = read_results(Path(root) / folder)
-        out.append(f"- {name}: test accuracy **{100 * r['metrics']['test_acc']:.1f}%** "
-                   f"({r['parameters']:,} parameters, {r['train_time_s'] / 60:.0f} min at {r['images_per_s']:.0f} "
-                   f"images/s; `{folder}`, {r['git_commit'][:7]})")
+        out.append(f"- {name}{line(r, r['metrics'])}; `{folder}`, {r['git_commit'][:7]})")
     return '\n'.join(out)
+
+def sr_headline(root='figures', runs=(('Fashion-MNIST', 'wno_fmnist'), ('CIFAR-10', 'wno_cifar10_sr'),
+                                      ('CIFAR-10, no GAN term', 'wno_cifar10_sr_nogan'))) -> str:
+    "Markdown lines: PSNR of the WNO's x4 chain (8x8 -> 32x32, no noise) against bicubic, and the gain in dB."
+    return _headlines(root, runs, lambda r, m: (
+        f" ({m['sr_images']:,} test images): x4 **{m['sr_x4_gain_over_bicubic_db']:+.2f} dB** over bicubic "
+        f"({m['sr_chain_8to32_model_zero_noise_psnr']:.2f} vs {m['sr_chain_8to32_bicubic_psnr']:.2f} dB; "
+        f"{r['parameters']:,} parameters, {r['train_time_s'] / 60:.0f} min of training"))
+
+def classification_headline(root='figures', runs=(('W-MSA Transformer', 'wmsa_cpu'), ('ViT', 'vit_cpu'))) -> str:
+    "Markdown lines: test accuracy, parameters, training minutes and images/s of each classifier run."
+    return _headlines(root, runs, lambda r, m: (
+        f": test accuracy **{100 * m['test_acc']:.1f}%** ({r['parameters']:,} parameters, "
+        f"{r['train_time_s'] / 60:.0f} min at {r['images_per_s']:.0f} images/s"))
 
 def codec_headline(root='figures', runs=(('Fashion-MNIST', 'flow_fmnist_cpu60/eval'),
                                          ('CIFAR-10', 'flow_cifar10_cpu60/eval'))) -> str:
     "Markdown lines: bits per dimension of real files, the saving against JPEG XL and the time per image."
-    out = []
-    for name, folder in runs:
-        if not (Path(root) / folder / 'metrics.json').is_file(): out.append(f'- {name}: not produced yet'); continue
-        r = read_results(Path(root) / folder); m = r['metrics']
-        out.append(f"- {name} ({m['images']:,} test images): **{m['bpd_per_image_file']:.3f} bits/dim** per file, "
-                   f"{m['saving_vs_jpegxl_pct']:.1f}% smaller than JPEG XL ({m['bpd_per_image_jpegxl']:.3f}), "
-                   f"{m['compress_plus_decompress_ms']['median']:.0f} ms per image to compress and decompress "
-                   f"(median, one thread; `{folder}`, {r['git_commit'][:7]})")
-    return '\n'.join(out)
+    return _headlines(root, runs, lambda r, m: (
+        f" ({m['images']:,} test images): **{m['bpd_per_image_file']:.3f} bits/dim** per file, "
+        f"{m['saving_vs_jpegxl_pct']:.1f}% smaller than JPEG XL ({m['bpd_per_image_jpegxl']:.3f}), "
+        f"{m['compress_plus_decompress_ms']['median']:.0f} ms per image to compress and decompress "
+        f"(median, one thread"))
